@@ -1,0 +1,218 @@
+"""The one typed, frozen configuration, built from `PROXY_*` environment variables and CLI flags.
+
+Every setting is a field of `Config`; its environment variable is `PROXY_` + the upper-cased name.
+`Config.load()` parses and validates once, at start-up, and names the offending key in any error.
+Nothing else in the package reads `os.environ`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, get_args, get_type_hints
+
+ENV_PREFIX = "PROXY_"
+SAMPLE_ROOT = str(Path(__file__).parent / "sample")
+
+Storage = Literal["local", "cos"]
+Mode = Literal["stream", "redirect"]
+Scheme = Literal["http", "https"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+class ConfigError(ValueError):
+    """A setting is missing or invalid; the message names its environment variable."""
+
+
+def _secret() -> Any:
+    return field(default="", repr=False, metadata={"secret": True})
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    # Public listener and process model.
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    log_level: LogLevel = "info"
+
+    # Where objects live and how ids become keys.
+    storage: Storage = "local"
+    local_root: str = SAMPLE_ROOT
+    key_template: str = "images/{id}"
+    id_max_length: int = 256
+
+    # COS (used when storage == "cos").
+    cos_secret_id: str = _secret()
+    cos_secret_key: str = _secret()
+    cos_token: str = _secret()
+    cos_credential_expires_at: float = 0.0
+    cos_region: str = ""
+    cos_bucket: str = ""
+    cos_scheme: Scheme = "https"
+    cos_domain: str = ""
+
+    # Presigned URLs and the cache tiers in front of them.
+    sign_expires: int = 3600
+    expiry_margin: int = 300
+    lru_size: int = 100_000
+    lru_ttl: float = 60.0
+    negative_ttl: float = 30.0
+    redis_url: str = field(default="", repr=False, metadata={"secret": True})
+    redis_prefix: str = "ps:"
+    redis_timeout: float = 0.1
+    redis_backoff: float = 2.0
+
+    # How responses are produced.
+    mode: Mode = "stream"
+    allow_mode_override: bool = False
+    cache_control: str = "public, max-age=86400"
+    not_found_max_age: int = 60
+    redirect_max_age: int = 300
+
+    # The pooled upstream client.
+    upstream_pool_size: int = 256
+    upstream_connect_timeout: float = 3.0
+    upstream_read_timeout: float = 15.0
+    upstream_retries: int = 2
+    upstream_read_size: int = 262_144
+
+    @classmethod
+    def load(cls, env: Mapping[str, str], overrides: Mapping[str, object] | None = None) -> Config:
+        """Build from `PROXY_*` variables, then CLI overrides (already typed), then validate."""
+        hints = get_type_hints(cls)
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            name = ENV_PREFIX + f.name.upper()
+            if name in env:
+                values[f.name] = _parse(name, env[name], hints[f.name])
+        for key, value in (overrides or {}).items():
+            if value is not None:
+                values[key] = value
+        config = cls(**values)  # type: ignore[arg-type]
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        def need(ok: bool, key: str, why: str) -> None:
+            if not ok:
+                raise ConfigError(f"{ENV_PREFIX}{key.upper()}: {why}")
+
+        need(0 < self.port < 65536, "port", "must be a TCP port (1-65535)")
+        need(self.workers >= 1, "workers", "must be at least 1")
+        need(
+            self.key_template.count("{id}") == 1,
+            "key_template",
+            "must contain '{id}' exactly once",
+        )
+        prefix = self.key_template.split("{id}", 1)[0]
+        need(
+            not prefix.startswith("/") and ".." not in prefix.split("/"),
+            "key_template",
+            "must not start with '/' or contain '..'",
+        )
+        need(8 <= self.id_max_length <= 1024, "id_max_length", "must be 8-1024")
+        if self.storage == "local":
+            need(Path(self.local_root).is_dir(), "local_root", "is not a directory")
+            need(
+                self.mode == "stream",
+                "mode",
+                "redirect mode is unavailable with local storage (there is no URL "
+                "to redirect to); use PROXY_STORAGE=cos",
+            )
+        else:
+            for key in ("cos_secret_id", "cos_secret_key", "cos_bucket"):
+                need(bool(getattr(self, key)), key, "is required when PROXY_STORAGE=cos")
+            need(
+                bool(self.cos_region or self.cos_domain),
+                "cos_region",
+                "is required when PROXY_STORAGE=cos (or set PROXY_COS_DOMAIN)",
+            )
+            need(
+                not re.search(r"[/\s]", self.cos_domain),
+                "cos_domain",
+                "must be a host[:port] without scheme or path",
+            )
+        need(self.sign_expires >= 60, "sign_expires", "must be at least 60 seconds")
+        need(
+            0 <= self.expiry_margin < self.sign_expires // 2,
+            "expiry_margin",
+            "must be >= 0 and less than half of PROXY_SIGN_EXPIRES",
+        )
+        need(self.lru_size >= 0, "lru_size", "must be >= 0")
+        need(self.lru_ttl > 0, "lru_ttl", "must be > 0")
+        need(self.negative_ttl >= 0, "negative_ttl", "must be >= 0")
+        need(
+            not self.redis_url or self.redis_url.startswith(("redis://", "rediss://", "unix://")),
+            "redis_url",
+            "must start with redis://, rediss:// or unix://",
+        )
+        need(0 < self.redis_timeout <= 5, "redis_timeout", "must be in (0, 5] seconds")
+        need(self.redis_backoff >= 0, "redis_backoff", "must be >= 0")
+        need(
+            "\n" not in self.cache_control and "\r" not in self.cache_control,
+            "cache_control",
+            "must be a single header line",
+        )
+        need(self.not_found_max_age >= 0, "not_found_max_age", "must be >= 0")
+        need(self.redirect_max_age >= 0, "redirect_max_age", "must be >= 0")
+        need(self.upstream_pool_size >= 1, "upstream_pool_size", "must be at least 1")
+        need(self.upstream_connect_timeout > 0, "upstream_connect_timeout", "must be > 0")
+        need(self.upstream_read_timeout > 0, "upstream_read_timeout", "must be > 0")
+        need(0 <= self.upstream_retries <= 5, "upstream_retries", "must be 0-5")
+        need(self.upstream_read_size >= 4096, "upstream_read_size", "must be >= 4096")
+
+    @property
+    def key_prefix(self) -> str:
+        return self.key_template.split("{id}", 1)[0]
+
+    def redacted(self) -> dict[str, object]:
+        """The settings as a dict, with every secret replaced: safe to log."""
+        out: dict[str, object] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = "***" if f.metadata.get("secret") and value else value
+        return out
+
+    def to_env(self) -> dict[str, str]:
+        """The inverse of `load`: lets `serve --workers N` hand CLI flags to worker processes."""
+        out: dict[str, str] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            out[ENV_PREFIX + f.name.upper()] = str(value)
+        return out
+
+    def replace(self, **changes: Any) -> Config:
+        config = dataclasses.replace(self, **changes)
+        config.validate()
+        return config
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def _parse(name: str, raw: str, hint: Any) -> object:
+    raw = raw.strip()
+    try:
+        if hint is bool:
+            if raw.lower() in _TRUE:
+                return True
+            if raw.lower() in _FALSE:
+                return False
+            raise ValueError
+        if hint is int:
+            return int(raw)
+        if hint is float:
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: expected {hint.__name__}, got {raw!r}") from None
+    choices = get_args(hint)
+    if choices and raw not in choices:
+        raise ConfigError(f"{name}: must be one of {', '.join(choices)}; got {raw!r}")
+    return raw
