@@ -47,7 +47,7 @@ class UrlCache:
         item = self._lru.get(image_id)
         if item is not None:
             entry, until = item
-            if now < until and (entry is None or entry.url != avoid or not avoid):
+            if now < until and not (avoid and entry is not None and entry.url == avoid):
                 if entry is None:
                     raise NotFound()
                 self._lru.move_to_end(image_id)

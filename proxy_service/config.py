@@ -114,6 +114,13 @@ class Config:
             "key_template",
             "must not start with '/' or contain '..'",
         )
+        # Checked here, not per request: `resolvers.check_key` would refuse every key.
+        suffix = self.key_template.split("{id}", 1)[1]
+        need(
+            not any(part in ("", ".", "..") for part in suffix.split("/")[1:]),
+            "key_template",
+            "must not have an empty, '.' or '..' segment after '{id}'",
+        )
         need(8 <= self.id_max_length <= 1024, "id_max_length", "must be 8-1024")
         if self.storage == "local":
             need(Path(self.local_root).is_dir(), "local_root", "is not a directory")

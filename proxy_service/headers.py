@@ -81,7 +81,8 @@ def parse_range(value: str, size: int) -> Range | Literal[False] | None:
         if not first.isdigit() or (last and not last.isdigit()):
             return None
         start = int(first)
-        end = int(last) if last else size - 1
+        # Open-ended: never below `start`, so a start past the end is 416, not "malformed".
+        end = int(last) if last else max(start, size - 1)
     except ValueError:
         return None
     if end < start:
