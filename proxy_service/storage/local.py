@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import mimetypes
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -129,11 +130,8 @@ class LocalOrigin:
 def _open(path: Path, root: Path) -> tuple[BinaryIO, os.stat_result]:
     # The id check already forbids traversal; resolving symlinks here keeps the root a jail too.
     real = path.resolve()
-    if not real.is_relative_to(root):
+    # Regular files only: opening a FIFO or device would block a worker thread for good.
+    if not real.is_relative_to(root) or not stat.S_ISREG(os.stat(real).st_mode):
         raise FileNotFoundError(str(path))
     file = open(real, "rb")  # noqa: SIM115 - closed by FileResponse.close
-    st = os.fstat(file.fileno())
-    if not os.path.isfile(real):
-        file.close()
-        raise FileNotFoundError(str(path))
-    return file, st
+    return file, os.fstat(file.fileno())
