@@ -48,9 +48,9 @@ class UrlCache:
         if item is not None:
             entry, until = item
             if now < until and not (avoid and entry is not None and entry.url == avoid):
+                self._lru.move_to_end(image_id)
                 if entry is None:
                     raise NotFound()
-                self._lru.move_to_end(image_id)
                 return entry, "local"
             del self._lru[image_id]
         flight = (image_id, avoid)

@@ -65,6 +65,18 @@ class Config:
     redis_prefix: str = "ps:"
     redis_timeout: float = 0.1
     redis_backoff: float = 2.0
+    redis_cluster: bool = False
+
+    # The refresher, and the index/access records the proxy keeps for it in Redis.
+    refresh_threshold: int = 0  # 0: halfway between signing and the expiry margin
+    refresh_interval: float = 5.0
+    refresh_batch: int = 200
+    refresh_concurrency: int = 16
+    refresh_lease: float = 60.0
+    refresh_idle: float = 86_400.0
+    refresh_drain_timeout: float = 10.0
+    refresh_heartbeat_file: str = "/tmp/proxy-service-refresher.alive"
+    access_flush_interval: float = 10.0
 
     # How responses are produced.
     mode: Mode = "stream"
@@ -160,6 +172,23 @@ class Config:
         need(0 < self.redis_timeout <= 5, "redis_timeout", "must be in (0, 5] seconds")
         need(self.redis_backoff >= 0, "redis_backoff", "must be >= 0")
         need(
+            self.refresh_threshold == 0
+            or self.expiry_margin < self.refresh_threshold < self.sign_expires,
+            "refresh_threshold",
+            "must be above PROXY_EXPIRY_MARGIN and below PROXY_SIGN_EXPIRES",
+        )
+        need(self.refresh_interval > 0, "refresh_interval", "must be > 0")
+        need(1 <= self.refresh_batch <= 10_000, "refresh_batch", "must be 1-10000")
+        need(1 <= self.refresh_concurrency <= 1000, "refresh_concurrency", "must be 1-1000")
+        need(self.refresh_lease > 0, "refresh_lease", "must be > 0")
+        need(self.refresh_idle > 0, "refresh_idle", "must be > 0")
+        need(self.refresh_drain_timeout >= 0, "refresh_drain_timeout", "must be >= 0")
+        need(
+            0 < self.access_flush_interval < self.refresh_idle,
+            "access_flush_interval",
+            "must be > 0 and below PROXY_REFRESH_IDLE",
+        )
+        need(
             "\n" not in self.cache_control and "\r" not in self.cache_control,
             "cache_control",
             "must be a single header line",
@@ -171,6 +200,13 @@ class Config:
         need(self.upstream_read_timeout > 0, "upstream_read_timeout", "must be > 0")
         need(0 <= self.upstream_retries <= 5, "upstream_retries", "must be 0-5")
         need(self.upstream_read_size >= 4096, "upstream_read_size", "must be >= 4096")
+
+    @property
+    def refresh_before(self) -> int:
+        """Seconds before a URL's expiry at which the refresher re-signs it."""
+        if self.refresh_threshold:
+            return self.refresh_threshold
+        return self.expiry_margin + (self.sign_expires - self.expiry_margin) // 2
 
     @property
     def key_prefix(self) -> str:
