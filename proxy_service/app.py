@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
@@ -13,6 +14,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
+from . import sync
 from .cache import UrlCache
 from .config import Config
 from .handler import ImageHandler, Receive, Scope, Send
@@ -47,12 +49,21 @@ class ProxyApp:
     @contextlib.asynccontextmanager
     async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:
         await self.origin.start()
-        if self.store is not None and not await self.store.ping():
-            log.warning("redis is not reachable at start-up; serving without it until it is")
+        tasks: list[asyncio.Task[None]] = []
+        if self.store is not None:
+            if not await self.store.ping():
+                log.warning("redis is not reachable at start-up; serving without it until it is")
+            tasks = [
+                asyncio.ensure_future(sync.flush_access(self.config, self.cache, self.store)),
+                asyncio.ensure_future(sync.listen_purges(self.config, self.cache)),
+            ]
         log.info("proxy ready", extra={"config": self.config.redacted()})
         try:
             yield
         finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             await self.origin.aclose()
             await self.resolver.aclose()
             if self.store is not None:

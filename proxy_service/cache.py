@@ -37,6 +37,10 @@ class UrlCache:
         # id -> (entry or None for "unknown id", serve until)
         self._lru: OrderedDict[str, tuple[Entry | None, float]] = OrderedDict()
         self._inflight: dict[tuple[str, str], asyncio.Task[tuple[Entry, Tier]]] = {}
+        # Ids served since the last flush: the refresher's hot set, recorded without a Redis
+        # write per hit (the store keeps none of this when Redis is not configured).
+        self._touched: set[str] = set()
+        self._track = store is not None
         self.signings = 0
 
     async def get(self, image_id: str, now: float, avoid: str = "") -> tuple[Entry, Tier]:
@@ -51,6 +55,8 @@ class UrlCache:
                 self._lru.move_to_end(image_id)
                 if entry is None:
                     raise NotFound()
+                if self._track:
+                    self._touched.add(image_id)
                 return entry, "local"
             del self._lru[image_id]
         flight = (image_id, avoid)
@@ -61,6 +67,16 @@ class UrlCache:
             task.add_done_callback(lambda _: self._inflight.pop(flight, None))
         # Shielded: a client that goes away must not cancel the resolution others wait for.
         return await asyncio.shield(task)
+
+    def take_touched(self) -> set[str]:
+        touched, self._touched = self._touched, set()
+        return touched
+
+    def drop_local(self, image_id: str) -> None:
+        self._lru.pop(image_id, None)
+
+    def clear_local(self) -> None:
+        self._lru.clear()
 
     async def forget(self, image_id: str) -> None:
         """Drop every tier's entry for the id (used on purge)."""
@@ -90,6 +106,7 @@ class UrlCache:
                 serve_until = cached.expires_at - self._margin
                 if now < serve_until:
                     self._remember(image_id, cached, min(serve_until, now + self._lru_ttl))
+                    self._touched.add(image_id)
                     return cached, "redis"
         try:
             key = check_key(await self._resolver.resolve(image_id), self._prefix)

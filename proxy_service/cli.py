@@ -7,6 +7,7 @@ Every non-secret setting has a flag named after its field (`--redis-prefix`, `--
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import sys
@@ -16,27 +17,47 @@ from typing import Any, get_type_hints
 
 import uvicorn
 
+from . import refresher
 from .app import ProxyApp
 from .config import ENV_PREFIX, Config, ConfigError, _parse
+from .errors import BadId
+from .ids import parse_id
+from .index import Index
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="proxy-service", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the image proxy")
+    serve = _with_config_flags(sub.add_parser("serve", help="run the image proxy"))
+    serve.add_argument("--no-access-log", action="store_true", help="disable uvicorn's access log")
+    refresher = _with_config_flags(
+        sub.add_parser("refresher", help="run the worker that re-signs URLs before they expire")
+    )
+    refresher.add_argument(
+        "--check", action="store_true", help="exit 0 if a local refresher loop is alive (probe)"
+    )
+    for name, text in (
+        ("purge", "drop ids from Redis, the index and every proxy's LRU"),
+        ("refresh", "re-sign ids now and make every proxy pick up the new URL"),
+    ):
+        cmd = _with_config_flags(sub.add_parser(name, help=text))
+        cmd.add_argument("ids", nargs="+", metavar="ID")
+    return parser
+
+
+def _with_config_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     hints = get_type_hints(Config)
     for f in fields(Config):
         if f.metadata.get("secret"):
             continue
         env = ENV_PREFIX + f.name.upper()
-        serve.add_argument(
+        parser.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
             metavar=env,
             type=_flag_parser(env, hints[f.name]),
             help=f"default {f.default!r}, or ${env}",
         )
-    serve.add_argument("--no-access-log", action="store_true", help="disable uvicorn's access log")
     return parser
 
 
@@ -77,7 +98,8 @@ def serve(config: Config, access_log: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    overrides = {k: v for k, v in vars(args).items() if k not in ("command", "no_access_log")}
+    names = {f.name for f in fields(Config)}
+    overrides = {k: v for k, v in vars(args).items() if k in names}
     try:
         config = Config.load(os.environ, overrides)
     except ConfigError as exc:
@@ -86,4 +108,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=config.log_level.upper(), format="%(levelname)s %(name)s %(message)s")
     if args.command == "serve":
         serve(config, access_log=not args.no_access_log)
-    return 0
+        return 0
+    if args.command == "refresher":
+        if args.check:
+            return 0 if refresher.check(config) else 1
+        if not config.redis_url:
+            print("proxy-service: configuration error: PROXY_REDIS_URL: required", file=sys.stderr)
+            return 2
+        asyncio.run(refresher.serve(config))
+        return 0
+    if args.command in ("purge", "refresh"):
+        return _admin(config, args.command, args.ids)
+    return 2
+
+
+def _admin(config: Config, command: str, raw_ids: list[str]) -> int:
+    if not config.redis_url:
+        print("proxy-service: configuration error: PROXY_REDIS_URL: required", file=sys.stderr)
+        return 2
+    try:
+        ids = [parse_id(i.encode(), config.id_max_length) for i in raw_ids]
+    except (BadId, UnicodeEncodeError):
+        print("proxy-service: invalid image id", file=sys.stderr)
+        return 2
+
+    async def run() -> int:
+        index = Index(config)
+        worker = refresher.Refresher(config, index)
+        failed = 0
+        try:
+            for image_id in ids:
+                if command == "purge":
+                    await index.purge(image_id)
+                elif not await worker.refresh_now(image_id):
+                    failed += 1
+                    print(f"{image_id}: not found (purged)", file=sys.stderr)
+        finally:
+            await worker.resolver.aclose()
+            await index.aclose()
+        return 1 if failed else 0
+
+    return asyncio.run(run())

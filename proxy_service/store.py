@@ -3,16 +3,24 @@
 Redis is a cache here, never a source of truth: every failure (refused, timeout, pool exhausted,
 garbage payload) reads as a miss, and after one the store stays out of the way for
 `redis_backoff` seconds instead of making each request wait for a timeout.
+
+Keys (prefix `ps:` by default); the index keys share the hash tag `{idx}`, so the scripts that
+touch both are Redis-Cluster-safe, while payloads spread over the cluster:
+- `<prefix>url:<id>`      the payload, with a TTL equal to the URL's remaining life;
+- `<prefix>{idx}:due`     sorted set id -> when the refresher should next look at it;
+- `<prefix>{idx}:seen`    sorted set id -> last access, written in batches by the proxies;
+- `<prefix>purge`         pub/sub channel of purged ids.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Collection
 from typing import Final
 
 import orjson
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -52,19 +60,53 @@ def loads(raw: bytes) -> Entry | str | None:
         return None
 
 
-class RedisStore:
-    def __init__(self, config: Config) -> None:
-        t = config.redis_timeout
-        pool = BlockingConnectionPool.from_url(
+Client = Redis | RedisCluster
+
+
+def connect(config: Config, timeout: float | None) -> Client:
+    """A client with short timeouts and no retries: callers decide what a failure means."""
+    if config.redis_cluster:
+        return RedisCluster.from_url(
             config.redis_url,
-            max_connections=64,
-            timeout=t,
-            socket_timeout=t,
-            socket_connect_timeout=t,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout or config.redis_timeout,
             retry=Retry(NoBackoff(), 0),
         )
-        self._redis = Redis(connection_pool=pool)
-        self._prefix = config.redis_prefix
+    pool = BlockingConnectionPool.from_url(
+        config.redis_url,
+        max_connections=128,
+        timeout=timeout,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout or config.redis_timeout,
+        retry=Retry(NoBackoff(), 0),
+    )
+    return Redis(connection_pool=pool)
+
+
+async def close(client: Client) -> None:
+    await client.aclose()
+    if isinstance(client, Redis):
+        await client.connection_pool.disconnect()
+
+
+class Keys:
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.due = f"{prefix}{{idx}}:due"
+        self.seen = f"{prefix}{{idx}}:seen"
+        self.purge = f"{prefix}purge"
+
+    def url(self, image_id: str) -> str:
+        return f"{self.prefix}url:{image_id}"
+
+
+class RedisStore:
+    """The hot path's view of Redis: never raises, and steps aside after a failure."""
+
+    def __init__(self, config: Config) -> None:
+        self._redis = connect(config, config.redis_timeout)
+        self.keys = Keys(config.redis_prefix)
+        self._refresh_before = config.refresh_before
         self._backoff = config.redis_backoff
         self._down_until = 0.0
         self.errors = 0
@@ -73,14 +115,11 @@ class RedisStore:
     def up(self) -> bool:
         return time.monotonic() >= self._down_until
 
-    def key(self, image_id: str) -> str:
-        return f"{self._prefix}url:{image_id}"
-
     async def get(self, image_id: str) -> Entry | str | None:
         if not self.up:
             return None
         try:
-            raw = await self._redis.get(self.key(image_id))
+            raw = await self._redis.get(self.keys.url(image_id))
         except (RedisError, OSError) as exc:
             self._failed(exc)
             return None
@@ -92,15 +131,41 @@ class RedisStore:
         return value
 
     async def put(self, image_id: str, entry: Entry, ttl: float) -> None:
-        await self._set(image_id, dumps(entry), ttl)
+        """Store a freshly signed entry and enter it in the refresher's index."""
+        millis = int(ttl * 1000)
+        if millis <= 0 or not self.up:
+            return
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.set(self.keys.url(image_id), dumps(entry), px=millis)
+                pipe.zadd(self.keys.due, {image_id: entry.expires_at - self._refresh_before})
+                pipe.zadd(self.keys.seen, {image_id: entry.signed_at})
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
+
+    async def touch(self, image_ids: Collection[str], now: float) -> None:
+        """Record that these ids were served (batched: the refresher keeps only the hot set)."""
+        if not image_ids or not self.up:
+            return
+        try:
+            await self._redis.zadd(self.keys.seen, dict.fromkeys(image_ids, now))
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
 
     async def put_missing(self, image_id: str, ttl: float) -> None:
-        await self._set(image_id, b'{"missing":true}', ttl)
+        millis = int(ttl * 1000)
+        if millis <= 0 or not self.up:
+            return
+        try:
+            await self._redis.set(self.keys.url(image_id), b'{"missing":true}', px=millis)
+        except (RedisError, OSError) as exc:
+            self._failed(exc)
 
     async def delete(self, image_id: str) -> None:
         if self.up:
             try:
-                await self._redis.delete(self.key(image_id))
+                await self._redis.delete(self.keys.url(image_id))
             except (RedisError, OSError) as exc:
                 self._failed(exc)
 
@@ -114,17 +179,7 @@ class RedisStore:
         return True
 
     async def aclose(self) -> None:
-        await self._redis.aclose()
-        await self._redis.connection_pool.disconnect()
-
-    async def _set(self, image_id: str, payload: bytes, ttl: float) -> None:
-        millis = int(ttl * 1000)
-        if millis <= 0 or not self.up:
-            return
-        try:
-            await self._redis.set(self.key(image_id), payload, px=millis)
-        except (RedisError, OSError) as exc:
-            self._failed(exc)
+        await close(self._redis)
 
     def _failed(self, exc: BaseException) -> None:
         self.errors += 1

@@ -159,7 +159,7 @@ def test_put_get_round_trip_with_raw_bytes_and_ttl(prefix: str, raw: redis.Redis
         await store.put("cat", ENTRY, 30.0)
         assert await store.get("cat") == ENTRY
         key = f"{prefix}url:cat"
-        assert store.key("cat") == key
+        assert store.keys.url("cat") == key
         stored = raw.get(key)
         assert stored == dumps(ENTRY)
         assert orjson.loads(stored) == {
@@ -180,8 +180,8 @@ def test_ttl_is_kept_to_the_millisecond(prefix: str, raw: redis.Redis) -> None:
     async def body(store: RedisStore) -> None:
         await store.put("a", ENTRY, 1.5)
         await store.put("b", ENTRY, 3600.0)
-        assert 1_000 < raw.pttl(store.key("a")) <= 1_500
-        assert 3_599_000 < raw.pttl(store.key("b")) <= 3_600_000
+        assert 1_000 < raw.pttl(store.keys.url("a")) <= 1_500
+        assert 3_599_000 < raw.pttl(store.keys.url("b")) <= 3_600_000
 
     run_with(shared(prefix), body)
 
@@ -193,7 +193,7 @@ def test_put_overwrites_and_resets_ttl(prefix: str, raw: redis.Redis) -> None:
         await store.put("pet", ENTRY, 2.0)
         await store.put("pet", other, 60.0)
         assert await store.get("pet") == other
-        assert raw.pttl(store.key("pet")) > 59_000
+        assert raw.pttl(store.keys.url("pet")) > 59_000
 
     run_with(shared(prefix), body)
 
@@ -203,7 +203,7 @@ def test_non_positive_ttl_is_not_stored(prefix: str, raw: redis.Redis, ttl: floa
     async def body(store: RedisStore) -> None:
         await store.put("cat", ENTRY, ttl)
         await store.put_missing("gone", ttl)
-        assert raw.exists(store.key("cat"), store.key("gone")) == 0
+        assert raw.exists(store.keys.url("cat"), store.keys.url("gone")) == 0
         assert await store.get("cat") is None
         assert store.errors == 0
 
@@ -225,8 +225,8 @@ def test_negative_entry_reads_back_as_missing(prefix: str, raw: redis.Redis) -> 
         await store.put_missing("gone", 10.0)
         assert await store.get("gone") == MISSING
         assert await store.get("gone") is store_mod.MISSING
-        assert raw.get(store.key("gone")) == b'{"missing":true}'
-        assert 9_000 < raw.pttl(store.key("gone")) <= 10_000
+        assert raw.get(store.keys.url("gone")) == b'{"missing":true}'
+        assert 9_000 < raw.pttl(store.keys.url("gone")) <= 10_000
 
     run_with(shared(prefix), body)
 
@@ -245,7 +245,7 @@ def test_garbage_payload_reads_as_none_without_marking_redis_down(
     prefix: str, raw: redis.Redis, payload: bytes
 ) -> None:
     async def body(store: RedisStore) -> None:
-        raw.set(store.key("junk"), payload, px=10_000)
+        raw.set(store.keys.url("junk"), payload, px=10_000)
         assert await store.get("junk") is None
         assert store.errors == 0
         assert store.up
@@ -265,7 +265,7 @@ def test_delete_removes_the_key(prefix: str, raw: redis.Redis) -> None:
         await store.delete("never-stored")
         assert await store.get("cat") is None
         assert await store.get("gone") is None
-        assert raw.exists(store.key("cat"), store.key("gone")) == 0
+        assert raw.exists(store.keys.url("cat"), store.keys.url("gone")) == 0
         assert store.errors == 0
 
     run_with(shared(prefix), body)

@@ -1,0 +1,226 @@
+"""The refresher: a long-running worker that re-signs URLs before they expire.
+
+    async for _ in poll(interval): claim due ids -> re-sign (bounded concurrency) -> store
+
+Ids nobody requested for `refresh_idle` seconds are retired from the index instead of being
+re-signed forever; ids whose object is gone (the resolver says NotFound) are purged.
+SIGTERM: stop claiming, finish the claimed work within `refresh_drain_timeout`, hand back
+whatever is left, close the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from redis.exceptions import RedisError
+
+from .config import Config
+from .errors import NotFound
+from .index import Index
+from .resolvers import Resolver, check_key, make_resolver
+from .storage import Signer, make_signer
+
+log = logging.getLogger("proxy_service.refresher")
+
+
+@dataclass
+class CycleStats:
+    claimed: int = 0
+    refreshed: int = 0
+    failed: int = 0
+    retired: int = 0
+    lag: float = 0.0
+
+
+@dataclass
+class Totals:
+    """Running totals since start, for the metrics endpoint."""
+
+    cycles: int = 0
+    claimed: int = 0
+    refreshed: int = 0
+    failed: int = 0
+    retired: int = 0
+    lag: float = 0.0
+    index_size: int = 0
+    last_cycle_at: float = 0.0
+    errors: dict[str, int] = field(default_factory=dict)
+
+    def add(self, stats: CycleStats) -> None:
+        self.cycles += 1
+        self.claimed += stats.claimed
+        self.refreshed += stats.refreshed
+        self.failed += stats.failed
+        self.retired += stats.retired
+        self.lag = stats.lag
+
+
+async def poll(interval: float, stop: asyncio.Event) -> AsyncIterator[None]:
+    """Yield now, then every `interval` seconds, until `stop` is set."""
+    while not stop.is_set():
+        yield
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
+
+
+class Refresher:
+    def __init__(
+        self,
+        config: Config,
+        index: Index,
+        resolver: Resolver | None = None,
+        signer: Signer | None = None,
+    ) -> None:
+        self.config = config
+        self.index = index
+        self.resolver = resolver or make_resolver(config)
+        self.signer = signer or make_signer(config)
+        self.totals = Totals()
+        self.stop = asyncio.Event()
+        self._prefix = config.key_prefix
+        self._heartbeat = (
+            Path(config.refresh_heartbeat_file) if config.refresh_heartbeat_file else None
+        )
+
+    async def run(self) -> None:
+        async for _ in poll(self.config.refresh_interval, self.stop):
+            try:
+                await self.cycle()
+            except (RedisError, OSError) as exc:
+                # Only the type: redis-py messages can carry the URL with its password.
+                log.warning("refresh cycle failed: %s", type(exc).__name__)
+                name = type(exc).__name__
+                self.totals.errors[name] = self.totals.errors.get(name, 0) + 1
+                continue
+            self._beat()
+
+    async def cycle(self) -> CycleStats:
+        """Drain everything due now, batch by batch (stops claiming once `stop` is set)."""
+        c = self.config
+        now = time.time()
+        stats = CycleStats(lag=await self.index.lag(now))
+        while not self.stop.is_set():
+            ids = await self.index.claim(now, c.refresh_lease, c.refresh_batch)
+            stats.claimed += len(ids)
+            if ids:
+                await self._batch(ids, now, stats)
+            if len(ids) < c.refresh_batch:
+                break
+            now = time.time()
+        self.totals.add(stats)
+        self.totals.index_size = await self.index.size()
+        self.totals.last_cycle_at = time.time()
+        if stats.claimed or stats.lag:
+            log.info(
+                "refresh cycle: claimed=%d refreshed=%d failed=%d retired=%d lag=%.1fs",
+                stats.claimed,
+                stats.refreshed,
+                stats.failed,
+                stats.retired,
+                stats.lag,
+            )
+        return stats
+
+    async def _batch(self, ids: list[str], now: float, stats: CycleStats) -> None:
+        gate = asyncio.Semaphore(self.config.refresh_concurrency)
+        pending: set[str] = set(ids)
+
+        async def one(image_id: str) -> None:
+            async with gate:
+                outcome = await self._refresh(image_id, now)
+            pending.discard(image_id)
+            setattr(stats, outcome, getattr(stats, outcome) + 1)
+
+        tasks = [asyncio.ensure_future(one(i)) for i in ids]
+        work = asyncio.gather(*tasks)
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.shield(work)
+        if not work.done():
+            # Stopping: give claimed work the drain timeout, then hand back the rest.
+            _, late = await asyncio.wait(tasks, timeout=self.config.refresh_drain_timeout)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+            await self.index.release(sorted(pending), time.time())
+            raise asyncio.CancelledError
+
+    async def _refresh(self, image_id: str, now: float) -> str:
+        try:
+            if await self.index.retire_if_idle(image_id, now - self.config.refresh_idle):
+                return "retired"
+            try:
+                key = check_key(await self.resolver.resolve(image_id), self._prefix)
+            except NotFound:
+                await self.index.purge(image_id)  # the object is gone: nobody should get a URL
+                return "retired"
+            entry = self.signer.sign(key, time.time())
+            await self.index.store(image_id, entry, time.time())
+            return "refreshed"
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # The claim's lease makes the id due again: a failure is retried, never lost.
+            log.warning("refresh of %s failed: %s", image_id, type(exc).__name__)
+            return "failed"
+
+    async def refresh_now(self, image_id: str) -> bool:
+        """Re-sign one id whatever its state and tell every proxy; False if it no longer exists."""
+        try:
+            key = check_key(await self.resolver.resolve(image_id), self._prefix)
+        except NotFound:
+            await self.index.purge(image_id)
+            return False
+        entry = self.signer.sign(key, time.time())
+        await self.index.store(image_id, entry, time.time(), force=True)
+        await self.index.announce(image_id)
+        return True
+
+    def _beat(self) -> None:
+        if self._heartbeat is not None:
+            try:
+                self._heartbeat.touch()
+            except OSError as exc:
+                log.warning("cannot write heartbeat file: %s", exc.strerror)
+
+
+async def serve(config: Config) -> None:
+    """Run until SIGTERM/SIGINT, then drain and close."""
+    index = Index(config)
+    refresher = Refresher(config, index)
+    loop = asyncio.get_running_loop()
+    worker = asyncio.ensure_future(refresher.run())
+
+    def shutdown() -> None:
+        log.info("stopping: no new claims; draining claimed work")
+        refresher.stop.set()
+        worker.cancel()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, shutdown)
+    log.info("refresher started (refresh %ds before expiry)", config.refresh_before)
+    try:
+        await worker
+    except asyncio.CancelledError:
+        pass
+    finally:
+        await refresher.resolver.aclose()
+        await index.aclose()
+    log.info("refresher stopped")
+
+
+def check(config: Config, now: float | None = None) -> bool:
+    """For a k8s exec probe: has the worker loop completed a cycle recently?"""
+    if not config.refresh_heartbeat_file:
+        return False
+    try:
+        age = (now or time.time()) - Path(config.refresh_heartbeat_file).stat().st_mtime
+    except OSError:
+        return False
+    return age < 3 * config.refresh_interval + 30

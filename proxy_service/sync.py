@@ -1,0 +1,56 @@
+"""What keeps one proxy process in step with the rest through Redis, off the hot path:
+
+- every `access_flush_interval` seconds, the ids it served go to the refresher's `seen` set in
+  one write (the refresher keeps only ids somebody still asks for);
+- purge messages drop ids from its LRU. A message missed while disconnected is covered twice:
+  the LRU never holds an entry longer than `lru_ttl`, and the LRU is cleared on every resubscribe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from redis.exceptions import RedisError
+
+from .cache import UrlCache
+from .config import Config
+from .store import Keys, RedisStore, close, connect
+
+log = logging.getLogger("proxy_service.sync")
+
+
+async def flush_access(config: Config, cache: UrlCache, store: RedisStore) -> None:
+    while True:
+        await asyncio.sleep(config.access_flush_interval)
+        touched = cache.take_touched()
+        if touched:
+            await store.touch(touched, time.time())
+
+
+async def listen_purges(config: Config, cache: UrlCache) -> None:
+    channel = Keys(config.redis_prefix).purge
+    client = connect(config, None)  # a subscriber blocks on reads: no socket timeout
+    first = True
+    try:
+        while True:
+            try:
+                async with client.pubsub() as pubsub:
+                    await pubsub.subscribe(channel)
+                    if not first:
+                        cache.clear_local()  # purges sent while we were away are unknown
+                    first = False
+                    while True:
+                        message = await pubsub.get_message(
+                            ignore_subscribe_messages=True, timeout=1.0
+                        )
+                        if message is not None and message["type"] == "message":
+                            data = message["data"]
+                            cache.drop_local(data.decode() if isinstance(data, bytes) else data)
+            except (RedisError, OSError) as exc:
+                log.warning("purge channel lost (%s); reconnecting", type(exc).__name__)
+                first = False
+                await asyncio.sleep(config.redis_backoff or 1.0)
+    finally:
+        await close(client)
