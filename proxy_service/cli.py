@@ -11,13 +11,14 @@ import asyncio
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import fields
 from typing import Any, get_type_hints
 
 import uvicorn
 
-from . import refresher
+from . import refresher, signing
 from .app import ProxyApp
 from .config import ENV_PREFIX, Config, ConfigError, _parse
 from .errors import BadId
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         cmd = _with_config_flags(sub.add_parser(name, help=text))
         cmd.add_argument("ids", nargs="+", metavar="ID")
+    _add_sign_parser(sub)
     return parser
 
 
@@ -119,6 +121,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command in ("purge", "refresh"):
         return _admin(config, args.command, args.ids)
+    if args.command == "sign":
+        return _sign(config, args)
     return 2
 
 
@@ -149,3 +153,53 @@ def _admin(config: Config, command: str, raw_ids: list[str]) -> int:
         return 1 if failed else 0
 
     return asyncio.run(run())
+
+
+def _add_sign_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    # No config flags here: `--mode` is the signed `?mode=`, not PROXY_MODE.
+    cmd = sub.add_parser(
+        "sign", help="print a signed stable URL, signed with the first key of $PROXY_SIGNING_KEYS"
+    )
+    cmd.add_argument("image_id", metavar="ID")
+    when = cmd.add_mutually_exclusive_group()
+    when.add_argument("--expires", type=int, metavar="SECONDS", help="valid for SECONDS from now")
+    when.add_argument("--expires-at", type=int, metavar="UNIX", help="valid until this Unix time")
+    cmd.add_argument(
+        "--mode",
+        dest="url_mode",
+        choices=("redirect", "stream"),
+        help="sign a ?mode= too (honoured when PROXY_ALLOW_MODE_OVERRIDE=true)",
+    )
+    cmd.add_argument(
+        "--base-url",
+        default="",
+        metavar="URL",
+        help="public origin, e.g. https://img.example.com (default: print the path only)",
+    )
+
+
+def _sign(config: Config, args: argparse.Namespace) -> int:
+    def fail(why: str) -> int:
+        print(f"proxy-service sign: {why}", file=sys.stderr)
+        return 2
+
+    keys = signing.parse_keys(config.signing_keys)
+    if not keys:
+        return fail("PROXY_SIGNING_KEYS is not set: no key to sign with")
+    try:
+        image_id = parse_id(args.image_id.encode(), config.id_max_length)
+    except (BadId, UnicodeEncodeError):
+        return fail("invalid image id")
+    expires: int | None = args.expires_at
+    if args.expires is not None:
+        if args.expires <= 0:
+            return fail("--expires must be a positive number of seconds")
+        expires = int(time.time()) + args.expires
+    elif expires is not None and expires <= time.time():
+        return fail("--expires-at is in the past")
+    try:
+        path = signing.sign_path(image_id, keys[0], expires=expires, mode=args.url_mode)
+    except ValueError as exc:
+        return fail(str(exc))
+    print(args.base_url.rstrip("/") + path)
+    return 0

@@ -92,6 +92,11 @@ class Config:
     upstream_retries: int = 2
     upstream_read_size: int = 262_144
 
+    # Security (README, Security): signed stable URLs, object size and concurrency limits.
+    signing_keys: str = _secret()  # "new,old,...": the first signs, all verify; empty: unsigned
+    max_object_size: int = 0  # bytes; 0: unlimited
+    max_in_flight: int = 1024  # concurrent origin requests per process; 0: unlimited
+
     @classmethod
     def load(cls, env: Mapping[str, str], overrides: Mapping[str, object] | None = None) -> Config:
         """Build from `PROXY_*` variables, then CLI overrides (already typed), then validate."""
@@ -200,6 +205,14 @@ class Config:
         need(self.upstream_read_timeout > 0, "upstream_read_timeout", "must be > 0")
         need(0 <= self.upstream_retries <= 5, "upstream_retries", "must be 0-5")
         need(self.upstream_read_size >= 4096, "upstream_read_size", "must be >= 4096")
+        keys = self.signing_keys.split(",") if self.signing_keys.strip() else []
+        need(
+            all(len(k.strip()) >= 16 for k in keys),
+            "signing_keys",
+            "every comma-separated key must be at least 16 characters",
+        )
+        need(self.max_object_size >= 0, "max_object_size", "must be >= 0 (0: unlimited)")
+        need(self.max_in_flight >= 0, "max_in_flight", "must be >= 0 (0: unlimited)")
 
     @property
     def refresh_before(self) -> int:

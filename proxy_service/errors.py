@@ -39,6 +39,23 @@ class ModeUnavailable(ProxyError):
     label = "mode_unavailable"
 
 
+class BadSignature(ProxyError):
+    """Signing is on and the signature is missing or does not match (any key)."""
+
+    status = 403
+    message = "forbidden"
+    label = "bad_signature"
+
+
+class ExpiredSignature(ProxyError):
+    """A correctly signed URL whose `exp` has passed: its own status and label, so metrics and
+    clients can tell an expired link from a forged one."""
+
+    status = 410
+    message = "link expired"
+    label = "expired_signature"
+
+
 class NotFound(ProxyError):
     status = 404
     message = "not found"
@@ -51,6 +68,24 @@ class MethodNotAllowed(ProxyError):
     message = "method not allowed"
     label = "method_not_allowed"
     headers = ((b"allow", b"GET, HEAD"),)
+
+
+class Overloaded(ProxyError):
+    """Too many requests in flight to the origin: refuse at once rather than queue without end."""
+
+    status = 503
+    message = "overloaded"
+    label = "overloaded"
+    headers = ((b"retry-after", b"1"),)
+
+
+class ObjectTooLarge(ProxyError):
+    """The object is larger than PROXY_MAX_OBJECT_SIZE: a 502, the origin holds something this
+    proxy is configured not to serve (413 is about request bodies)."""
+
+    status = 502
+    message = "object too large"
+    label = "too_large"
 
 
 class UpstreamError(ProxyError):

@@ -1,23 +1,32 @@
 """The hot path, GET/HEAD /images/<id>, as one raw ASGI callable, top to bottom:
 
-check the id -> URL cache (LRU -> Redis -> sign) -> 302 to the presigned URL, or stream the
-origin's bytes with the client's conditional and range headers, relaying 200/206/304/416.
+check the id -> check the signature (when signing keys are set) -> URL cache (LRU -> Redis ->
+sign) -> 302 to the presigned URL, or stream the origin's bytes with the client's conditional and
+range headers, relaying 200/206/304/416, within the object size and in-flight limits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
+import traceback
 from typing import Any
 
+from . import signing
 from .cache import UrlCache
 from .config import Config
 from .errors import (
+    BadId,
     BadRequest,
+    BadSignature,
+    ExpiredSignature,
     MethodNotAllowed,
     ModeUnavailable,
     NotFound,
+    ObjectTooLarge,
+    Overloaded,
     ProxyError,
     StreamAborted,
     UpstreamError,
@@ -30,10 +39,13 @@ from .storage import Entry, Origin, OriginResponse
 
 log = logging.getLogger("proxy_service.handler")
 
-PREFIX_LEN = len(b"/images/")
+PREFIX = b"/images/"
+PREFIX_LEN = len(PREFIX)
 _TEXT = (b"content-type", b"text/plain; charset=utf-8")
 _NO_STORE = (b"cache-control", b"no-store")
 _DROP_ON_EMPTY = (b"content-length", b"content-type", b"content-encoding")
+_MAX_AGE = re.compile(rb"\b(max-age|s-maxage)=(\d+)")
+_TOTAL = re.compile(rb"/(\d+)$")  # the object size in a Content-Range
 
 Scope = dict[str, Any]
 Receive = Any
@@ -54,6 +66,10 @@ class ImageHandler:
         self._not_found_cc = (b"cache-control", b"public, max-age=%d" % config.not_found_max_age)
         self._redirect_max_age = config.redirect_max_age
         self._margin = config.expiry_margin
+        self._keys = signing.parse_keys(config.signing_keys)
+        self._max_size = config.max_object_size
+        self._max_in_flight = config.max_in_flight
+        self.in_flight = 0  # requests between asking the origin and the end of their response
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         method = scope["method"]
@@ -61,16 +77,44 @@ class ImageHandler:
         try:
             if method != "GET" and method != "HEAD":
                 raise MethodNotAllowed()
-            image_id = parse_id(scope["raw_path"][PREFIX_LEN:], self._max_len)
-            redirect = self._wants_redirect(scope["query_string"])
+            raw_path = scope["raw_path"]
+            # Routed on the decoded path: `/%69mages/x` must not be sliced as if it were raw.
+            if not raw_path.startswith(PREFIX):
+                raise BadId("encoded /images/ prefix")
+            image_id = parse_id(raw_path[PREFIX_LEN:], self._max_len)
             now = time.time()
+            until: float | None = None  # a signed URL's expiry, which caches must not outlive
+            if self._keys:
+                redirect, until = self._check_signature(image_id, scope["query_string"], now)
+            else:
+                redirect = self._wants_redirect(scope["query_string"])
             entry, _tier = await self.cache.get(image_id, now)
             if redirect:
-                await self._redirect(send, entry, method, now)
+                await self._redirect(send, entry, method, now, until)
             else:
-                await self._stream(scope, receive, send, image_id, entry, now)
+                await self._stream(scope, receive, send, image_id, entry, now, until)
         except ProxyError as exc:
             await self._error(send, exc, image_id)
+        except Exception as exc:
+            await self._internal_error(send, exc, image_id)
+
+    def _check_signature(
+        self, image_id: str, query: bytes, now: float
+    ) -> tuple[bool, float | None]:
+        """Whether to redirect, and the URL's expiry; raises unless the signature is good."""
+        try:
+            params = signing.parse_query(query.decode("latin-1"))
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        result = signing.verify(image_id, params, self._keys, now)
+        if result == signing.EXPIRED:
+            raise ExpiredSignature()
+        if result != signing.OK:
+            raise BadSignature()
+        exp = params.get("exp")
+        mode = params.get("mode") if self._override else None
+        redirect = self._pick_mode(b"" if mode is None else mode.encode("latin-1"))
+        return redirect, float(exp) if exp else None
 
     def _wants_redirect(self, query: bytes) -> bool:
         if not (self._override and query):
@@ -79,6 +123,9 @@ class ImageHandler:
         for pair in query.split(b"&"):
             if pair.startswith(b"mode="):
                 mode = pair[5:]
+        return self._pick_mode(mode)
+
+    def _pick_mode(self, mode: bytes) -> bool:
         if mode == b"redirect":
             if not self._can_redirect:
                 raise ModeUnavailable()
@@ -89,9 +136,14 @@ class ImageHandler:
             raise BadRequest("unknown mode")
         return self._redirect_default
 
-    async def _redirect(self, send: Send, entry: Entry, method: str, now: float) -> None:
-        # The 302 may be cached, but never beyond the life of the URL it points to.
+    async def _redirect(
+        self, send: Send, entry: Entry, method: str, now: float, until: float | None
+    ) -> None:
+        # The 302 may be cached, but never beyond the life of the URL it points to (nor of the
+        # signed URL it answers).
         max_age = int(min(self._redirect_max_age, entry.expires_at - self._margin - now))
+        if until is not None:
+            max_age = min(max_age, int(until - now))
         cc = b"public, max-age=%d" % max_age if max_age > 0 else b"no-store"
         await send(
             {
@@ -122,7 +174,33 @@ class ImageHandler:
             raise
 
     async def _stream(
-        self, scope: Scope, receive: Receive, send: Send, image_id: str, entry: Entry, now: float
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        image_id: str,
+        entry: Entry,
+        now: float,
+        until: float | None,
+    ) -> None:
+        # Refuse at once rather than queue: a backlog only grows while the origin is slow.
+        if self._max_in_flight and self.in_flight >= self._max_in_flight:
+            raise Overloaded()
+        self.in_flight += 1
+        try:
+            await self._relay(scope, receive, send, image_id, entry, now, until)
+        finally:
+            self.in_flight -= 1
+
+    async def _relay(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        image_id: str,
+        entry: Entry,
+        now: float,
+        until: float | None,
     ) -> None:
         method = scope["method"]
         resp = await self._open(image_id, entry, method, forward_headers(scope["headers"]), now)
@@ -136,7 +214,14 @@ class ImageHandler:
                 headers += [_TEXT, (b"content-length", b"%d" % len(body)), _NO_STORE]
                 await _respond(send, status, headers, body)
                 return
-            headers.append(self._success_cc)
+            limit = self._max_size
+            counting = False  # the length is not announced: count the bytes as they pass
+            if limit and status != 304:
+                size = _object_size(status, headers)
+                if size is not None and size > limit:
+                    raise ObjectTooLarge(f"object of {size} bytes")
+                counting = size is None
+            headers.append(self._success_cc if until is None else self._capped_cc(until - now))
             if status == 304:
                 headers = [h for h in headers if h[0] not in _DROP_ON_EMPTY]
             if status == 304 or method == "HEAD":
@@ -146,6 +231,9 @@ class ImageHandler:
                 chunk = await resp.read()
             except StreamAborted as exc:
                 raise UpstreamError(str(exc)) from None
+            sent = len(chunk)
+            if counting and sent > limit:
+                raise ObjectTooLarge("unannounced length over the limit")
             if resp.at_eof():  # small objects: one send, no disconnect watcher
                 await _respond(send, status, headers, chunk)
                 return
@@ -155,6 +243,14 @@ class ImageHandler:
                 while chunk:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     chunk = await resp.read()
+                    sent += len(chunk)
+                    if counting and sent > limit:
+                        # Too late for a status: drop the connection, as for a failed upstream.
+                        log.warning(
+                            "too_large: unannounced length over the limit",
+                            extra={"image_id": image_id},
+                        )
+                        return
             except StreamAborted as exc:
                 if not watcher.done():
                     # Returning without completing makes the server drop the connection, so a
@@ -167,9 +263,37 @@ class ImageHandler:
                 watcher.cancel()
             resp.close()
 
+    def _capped_cc(self, seconds: float) -> tuple[bytes, bytes]:
+        """The success Cache-Control with every max-age cut to what a signed URL has left."""
+        left = max(0, int(seconds))
+        value, count = _MAX_AGE.subn(
+            lambda m: b"%s=%d" % (m[1], min(int(m[2]), left)), self._success_cc[1]
+        )
+        if not count:
+            value = value + b", max-age=%d" % left if value.strip() else b"max-age=%d" % left
+        return (b"cache-control", value)
+
     async def _error(self, send: Send, exc: ProxyError, image_id: str) -> None:
         if exc.status >= 500:
             log.warning("%s: %s", exc.label, exc.detail, extra={"image_id": image_id})
+        await self._send_error(send, exc)
+
+    async def _internal_error(self, send: Send, exc: Exception, image_id: str) -> None:
+        # A bug. Its message may quote a URL or header value: log the type and where it
+        # happened (file, line, function; not even source lines), never the message.
+        where = " <- ".join(
+            f"{f.filename}:{f.lineno} {f.name}"
+            for f in reversed(traceback.extract_tb(exc.__traceback__))
+        )
+        log.error(
+            "internal: unhandled %s at %s", type(exc).__name__, where, extra={"image_id": image_id}
+        )
+        try:
+            await self._send_error(send, ProxyError())
+        except Exception:  # the response had started: returning drops the connection
+            return
+
+    async def _send_error(self, send: Send, exc: ProxyError) -> None:
         body = exc.message.encode() + b"\n"
         if isinstance(exc, NotFound):
             cc = self._not_found_cc
@@ -177,6 +301,19 @@ class ImageHandler:
             cc = (b"cache-control", exc.cache_control.encode())
         headers = [_TEXT, (b"content-length", b"%d" % len(body)), cc, *exc.headers]
         await _respond(send, exc.status, headers, body)
+
+
+def _object_size(status: int, headers: Headers) -> int | None:
+    """The whole object's size, from Content-Range (206) or Content-Length (200, HEAD)."""
+    length = None
+    for name, value in headers:
+        if name == b"content-range" and status == 206:
+            total = _TOTAL.search(value)
+            if total is not None:
+                return int(total[1])
+        elif name == b"content-length" and value.isdigit():
+            length = int(value)
+    return length
 
 
 async def _respond(send: Send, status: int, headers: Headers, body: bytes) -> None:
