@@ -53,7 +53,7 @@ LAZY = [
 ]
 # One <img srcset>: at device scale factor 2 the browser must pick the 2x candidate.
 SRCSET_1X = Picture("page/logo.png", 60, 40)
-SRCSET_2X = Picture("page/logo-2x.png", 120, 80)  # not "@2x": ids are [A-Za-z0-9._~-]
+SRCSET_2X = Picture("page/logo@2x.png", 120, 80)
 PICTURES = [*EAGER, *LAZY, SRCSET_1X, SRCSET_2X]
 FETCHED = [*EAGER, *LAZY, SRCSET_2X]  # what a DPR-2 browser asks for
 MISSING_ID = "page/missing.png"  # the control: an image that must NOT decode
