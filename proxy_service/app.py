@@ -1,5 +1,10 @@
-"""The public ASGI app: `/images/` goes straight to the raw hot-path handler; everything else
-(lifespan, anything that is not an image) is Starlette's.
+"""The proxy's ASGI app. One process serves two listeners:
+
+- the public port: `/images/` goes straight to the raw hot-path handler; everything else
+  (lifespan, anything that is not an image) is Starlette's;
+- the internal port (`PROXY_INTERNAL_PORT`): the ops app (/metrics, /healthz, /readyz).
+
+Requests are told apart by the port they arrived on, so no public request reaches ops.
 """
 
 from __future__ import annotations
@@ -7,17 +12,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
-from . import sync
+from . import metrics, sync
 from .cache import UrlCache
 from .config import Config
 from .handler import ImageHandler, Receive, Scope, Send
+from .ops import ops_app
 from .resolvers import make_resolver
 from .storage import Origin, make_signer
 from .store import RedisStore
@@ -39,12 +47,31 @@ class ProxyApp:
             lifespan=self._lifespan,
             exception_handlers={HTTPException: _http_error},
         )
+        self.ops = ops_app(self.readiness, config.metrics_dir)
+        self._internal_port = config.internal_port
+        self._serving = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/images/"):
-            await self.handler(scope, receive, send)
+        if scope["type"] == "http":
+            server = scope.get("server")
+            if server is not None and server[1] == self._internal_port:
+                await self.ops(scope, receive, send)
+            elif scope["path"].startswith("/images/"):
+                await self.handler(scope, receive, send)
+            else:
+                await self.router(scope, receive, send)
         else:
             await self.router(scope, receive, send)
+
+    async def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Ready while serving with the upstream client open; Redis down only degrades."""
+        redis = "off"
+        if self.store is not None:
+            redis = "up" if await self.store.ping() else "down"
+        status = "ready" if redis != "down" else "degraded"
+        if not self._serving:
+            status = "stopping"
+        return self._serving, {"status": status, "redis": redis, "storage": self.config.storage}
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:
@@ -58,12 +85,21 @@ class ProxyApp:
                 asyncio.ensure_future(sync.listen_purges(self.config, self.cache)),
             ]
         log.info("proxy ready", extra={"config": self.config.redacted()})
+        self._serving = True
         try:
             yield
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            self._serving = False
+            metrics.mark_dead(self.config.metrics_dir, os.getpid())
+            # On Python 3.11 a cancel that lands with a Redis reply can be swallowed inside
+            # redis-py (CPython gh-86296): cancel again until the tasks are really gone.
+            pending = set(tasks)
+            for _ in range(10):
+                if not pending:
+                    break
+                for task in pending:
+                    task.cancel()
+                _, pending = await asyncio.wait(pending, timeout=0.5)
             await self.origin.aclose()
             await self.resolver.aclose()
             if self.store is not None:

@@ -13,6 +13,7 @@ import asyncio
 from collections import OrderedDict
 from typing import Literal
 
+from . import metrics
 from .config import Config
 from .errors import NotFound
 from .resolvers import Resolver, check_key
@@ -20,6 +21,12 @@ from .storage import Entry, Signer
 from .store import MISSING, RedisStore
 
 Tier = Literal["local", "redis", "miss"]
+
+# Counted once per lookup that reached the tier (waiters on a shared miss are not recounted).
+_LOCAL_HIT = metrics.URL_CACHE.labels("local_hit")
+_REDIS_HIT = metrics.URL_CACHE.labels("redis_hit")
+_MISS = metrics.URL_CACHE.labels("miss")
+_NEGATIVE_HIT = metrics.URL_CACHE.labels("negative_hit")
 
 
 class UrlCache:
@@ -54,7 +61,9 @@ class UrlCache:
             if now < until and not (avoid and entry is not None and entry.url == avoid):
                 self._lru.move_to_end(image_id)
                 if entry is None:
+                    _NEGATIVE_HIT.inc()
                     raise NotFound()
+                _LOCAL_HIT.inc()
                 if self._track:
                     self._touched.add(image_id)
                 return entry, "local"
@@ -100,13 +109,15 @@ class UrlCache:
         if self._store is not None:
             cached = await self._store.get(image_id)
             if cached == MISSING:
+                _NEGATIVE_HIT.inc()
                 self._remember(image_id, None, now + self._negative_ttl)
                 raise NotFound()
-            if isinstance(cached, Entry) and cached.url != avoid:
+            if isinstance(cached, Entry) and not (avoid and cached.url == avoid):
                 serve_until = cached.expires_at - self._margin
                 if now < serve_until:
                     self._remember(image_id, cached, min(serve_until, now + self._lru_ttl))
                     self._touched.add(image_id)
+                    _REDIS_HIT.inc()
                     return cached, "redis"
         try:
             key = check_key(await self._resolver.resolve(image_id), self._prefix)
@@ -115,6 +126,8 @@ class UrlCache:
             raise
         entry = self._signer.sign(key, now)
         self.signings += 1
+        _MISS.inc()
+        metrics.SIGNINGS.inc()
         serve_until = entry.expires_at - self._margin
         self._remember(image_id, entry, min(serve_until, now + self._lru_ttl))
         if self._store is not None:

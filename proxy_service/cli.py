@@ -10,27 +10,37 @@ import argparse
 import asyncio
 import logging
 import os
+import signal
+import socket
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import fields
-from typing import Any, get_type_hints
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, get_type_hints
 
 import uvicorn
+from uvicorn.supervisors import Multiprocess
 
-from . import refresher, signing
-from .app import ProxyApp
+from . import logs, signing
 from .config import ENV_PREFIX, Config, ConfigError, _parse
 from .errors import BadId
 from .ids import parse_id
-from .index import Index
+
+if TYPE_CHECKING:
+    from .app import ProxyApp
+
+# Nothing that imports prometheus-client may be imported at module level: with `--workers N`
+# its multiprocess directory must be in the environment first (see `serve`).
+log = logging.getLogger("proxy_service.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="proxy-service", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     serve = _with_config_flags(sub.add_parser("serve", help="run the image proxy"))
-    serve.add_argument("--no-access-log", action="store_true", help="disable uvicorn's access log")
+    serve.add_argument("--no-access-log", action="store_true", help="same as --access-log false")
     refresher = _with_config_flags(
         sub.add_parser("refresher", help="run the worker that re-signs URLs before they expire")
     )
@@ -75,27 +85,64 @@ def _flag_parser(env: str, hint: Any) -> Callable[[str], object]:
 
 def app_from_env() -> ProxyApp:
     """uvicorn factory for `serve --workers N`: each worker process rebuilds the config."""
+    from .app import ProxyApp
+
     return ProxyApp(Config.load(os.environ))
 
 
-def serve(config: Config, access_log: bool) -> None:
+def serve(config: Config) -> None:
+    public = _bind(config.host, config.port)
+    internal = _bind(config.internal_host, config.internal_port)
+    config = config.replace(internal_port=internal.getsockname()[1])
     options: dict[str, Any] = {
-        "host": config.host,
-        "port": config.port,
         "loop": "uvloop",
         "http": "httptools",
         "lifespan": "on",
-        "log_level": config.log_level,
-        "access_log": access_log,
+        "log_config": None,  # logging is ours (logs.setup): JSON lines
+        "access_log": False,  # the handler writes one access line a request itself
         "server_header": False,
         "proxy_headers": False,
     }
+    log.info(
+        "serving on %s:%d (internal %s:%d)",
+        config.host,
+        config.port,
+        config.internal_host,
+        config.internal_port,
+    )
     if config.workers == 1:
-        uvicorn.run(ProxyApp(config), **options)
+        from .app import ProxyApp
+
+        _run(uvicorn.Server(uvicorn.Config(ProxyApp(config), **options)), [public, internal])
         return
-    # Workers are separate processes: hand them the resolved settings through the environment.
+    # prometheus-client reads PROMETHEUS_MULTIPROC_DIR when imported: set it (on an empty
+    # directory) before any worker starts; workers get every setting through the environment.
+    directory = config.metrics_dir or tempfile.mkdtemp(prefix="proxy-service-metrics-")
+    for stale in Path(directory).glob("*.db"):
+        stale.unlink()
+    config = config.replace(metrics_dir=directory)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
     os.environ.update(config.to_env())
-    uvicorn.run("proxy_service.cli:app_from_env", factory=True, workers=config.workers, **options)
+    ucfg = uvicorn.Config(
+        "proxy_service.cli:app_from_env", factory=True, workers=config.workers, **options
+    )
+    Multiprocess(ucfg, sockets=[public, internal]).run()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+def _run(server: uvicorn.Server, sockets: list[socket.socket]) -> None:
+    # uvicorn re-raises SIGTERM after a graceful shutdown; a graceful stop should exit 0.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    server.run(sockets=sockets)
+    if not server.started:
+        sys.exit(3)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -107,17 +154,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"proxy-service: configuration error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=config.log_level.upper(), format="%(levelname)s %(name)s %(message)s")
+    if args.command in ("serve", "refresher") and not getattr(args, "check", False):
+        logs.setup(config.log_level)
     if args.command == "serve":
-        serve(config, access_log=not args.no_access_log)
+        if args.no_access_log:
+            config = config.replace(access_log=False)
+        serve(config)
         return 0
     if args.command == "refresher":
         if args.check:
-            return 0 if refresher.check(config) else 1
+            from .refresher import check
+
+            return 0 if check(config) else 1
         if not config.redis_url:
             print("proxy-service: configuration error: PROXY_REDIS_URL: required", file=sys.stderr)
             return 2
-        asyncio.run(refresher.serve(config))
+        from . import refresher
+
+        refresher_app = refresher.make_app(config)
+        internal = _bind(config.internal_host, config.internal_port)
+        options: dict[str, Any] = {"lifespan": "on", "log_config": None, "access_log": False}
+        _run(uvicorn.Server(uvicorn.Config(refresher_app, **options)), [internal])
         return 0
     if args.command in ("purge", "refresh"):
         return _admin(config, args.command, args.ids)
@@ -135,6 +192,9 @@ def _admin(config: Config, command: str, raw_ids: list[str]) -> int:
     except (BadId, UnicodeEncodeError):
         print("proxy-service: invalid image id", file=sys.stderr)
         return 2
+
+    from . import refresher
+    from .index import Index
 
     async def run() -> int:
         index = Index(config)

@@ -38,6 +38,13 @@ class Config:
     port: int = 8080
     workers: int = 1
     log_level: LogLevel = "info"
+    access_log: bool = True
+
+    # The internal listener (/metrics, /healthz, /readyz): never the public port. 0 = any free port.
+    internal_host: str = "127.0.0.1"
+    internal_port: int = 9090
+    # prometheus-client's multiprocess directory for `--workers N` (a fresh temp dir if empty).
+    metrics_dir: str = ""
 
     # Where objects live and how ids become keys.
     storage: Storage = "local"
@@ -120,6 +127,12 @@ class Config:
 
         need(0 < self.port < 65536, "port", "must be a TCP port (1-65535)")
         need(self.workers >= 1, "workers", "must be at least 1")
+        need(0 <= self.internal_port < 65536, "internal_port", "must be a TCP port or 0")
+        need(
+            self.internal_port != self.port,
+            "internal_port",
+            "must differ from PROXY_PORT: metrics and probes never share the public listener",
+        )
         need(
             self.key_template.count("{id}") == 1,
             "key_template",

@@ -14,7 +14,7 @@ import time
 import traceback
 from typing import Any
 
-from . import signing
+from . import metrics, signing
 from .cache import UrlCache
 from .config import Config
 from .errors import (
@@ -38,6 +38,7 @@ from .ids import parse_id
 from .storage import Entry, Origin, OriginResponse
 
 log = logging.getLogger("proxy_service.handler")
+access_log = logging.getLogger("proxy_service.access")
 
 PREFIX = b"/images/"
 PREFIX_LEN = len(PREFIX)
@@ -70,10 +71,21 @@ class ImageHandler:
         self._max_size = config.max_object_size
         self._max_in_flight = config.max_in_flight
         self.in_flight = 0  # requests between asking the origin and the end of their response
+        self._access_log = config.access_log
+        self._requests: dict[tuple[str, str, int], Any] = {}
+        self._durations = {
+            mode: (metrics.DURATION.labels(mode), metrics.TTFB.labels(mode))
+            for mode in ("stream", "redirect")
+        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        probe = _Probe(send)
+        send = probe
         method = scope["method"]
         image_id = ""
+        mode = "stream"
+        tier = ""
         try:
             if method != "GET" and method != "HEAD":
                 raise MethodNotAllowed()
@@ -88,15 +100,55 @@ class ImageHandler:
                 redirect, until = self._check_signature(image_id, scope["query_string"], now)
             else:
                 redirect = self._wants_redirect(scope["query_string"])
-            entry, _tier = await self.cache.get(image_id, now)
+            if redirect:
+                mode = "redirect"
+            entry, tier = await self.cache.get(image_id, now)
             if redirect:
                 await self._redirect(send, entry, method, now, until)
             else:
                 await self._stream(scope, receive, send, image_id, entry, now, until)
         except ProxyError as exc:
+            metrics.ERRORS.labels(exc.label).inc()
             await self._error(send, exc, image_id)
         except Exception as exc:
+            metrics.ERRORS.labels("internal").inc()
             await self._internal_error(send, exc, image_id)
+        finally:
+            self._observe(probe, method, mode, tier, image_id, started)
+
+    def _observe(
+        self, probe: _Probe, method: str, mode: str, tier: str, image_id: str, started: float
+    ) -> None:
+        elapsed = time.perf_counter() - started
+        status = probe.status
+        key = (method, mode, status // 100)
+        counter = self._requests.get(key)
+        if counter is None:
+            counter = metrics.REQUESTS.labels(method, mode, metrics.status_class(status))
+            self._requests[key] = counter
+        counter.inc()
+        durations = self._durations[mode]
+        durations[0].observe(elapsed)
+        if probe.first_byte:
+            durations[1].observe(probe.first_byte - started)
+        if probe.bytes:
+            metrics.BYTES.inc(probe.bytes)
+        if self._access_log:
+            access_log.info(
+                "request",
+                extra={
+                    "image_id": image_id,
+                    "method": method,
+                    "status": status,
+                    "mode": mode,
+                    "tier": tier,
+                    "bytes": probe.bytes,
+                    "duration_ms": round(elapsed * 1000, 2),
+                    "ttfb_ms": round((probe.first_byte - started) * 1000, 2)
+                    if probe.first_byte
+                    else None,
+                },
+            )
 
     def _check_signature(
         self, image_id: str, query: bytes, now: float
@@ -167,6 +219,7 @@ class ImageHandler:
             except UpstreamForbidden as exc:
                 # Expired, skewed or revoked signature: re-sign once, then give up (502).
                 log.info("re-signing after %s", exc.detail, extra={"image_id": image_id})
+                metrics.RESIGNS.inc()
                 entry, _ = await self.cache.get(image_id, now, avoid=entry.url)
                 return await self.origin.open(entry, method, headers)
         except UpstreamNotFound:
@@ -239,6 +292,7 @@ class ImageHandler:
                 return
             await send({"type": "http.response.start", "status": status, "headers": headers})
             watcher = asyncio.ensure_future(_close_on_disconnect(receive, resp))
+            metrics.STREAMS.inc()
             try:
                 while chunk:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -252,15 +306,19 @@ class ImageHandler:
                         )
                         return
             except StreamAborted as exc:
-                if not watcher.done():
+                if watcher.done():
+                    metrics.DISCONNECTS.inc()
+                else:
                     # Returning without completing makes the server drop the connection, so a
                     # truncated body is never taken as whole.
+                    metrics.UPSTREAM_ERRORS.labels("aborted").inc()
                     log.warning("stream aborted: %s", exc, extra={"image_id": image_id})
                 return
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             if watcher is not None:
                 watcher.cancel()
+                metrics.STREAMS.dec()
             resp.close()
 
     def _capped_cc(self, seconds: float) -> tuple[bytes, bytes]:
@@ -314,6 +372,26 @@ def _object_size(status: int, headers: Headers) -> int | None:
         elif name == b"content-length" and value.isdigit():
             length = int(value)
     return length
+
+
+class _Probe:
+    """Wraps `send` to see the status, the time of the first byte and the body bytes."""
+
+    __slots__ = ("bytes", "first_byte", "send", "status")
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.status = 500
+        self.first_byte = 0.0
+        self.bytes = 0
+
+    async def __call__(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            self.first_byte = time.perf_counter()
+        else:
+            self.bytes += len(message.get("body", b""))
+        await self.send(message)
 
 
 async def _respond(send: Send, status: int, headers: Headers, body: bytes) -> None:

@@ -65,17 +65,26 @@ class Index:
         )
 
     async def store(self, image_id: str, entry: Entry, now: float, force: bool = False) -> bool:
-        """Write a re-signed entry; False (and nothing written) if the id was purged meanwhile,
-        unless `force` (an explicit refresh) puts it back in the index."""
-        due = entry.expires_at - self._refresh_before
-        updated = await self._redis.zadd(self.keys.due, {image_id: due}, xx=not force, ch=True)
-        if not updated and await self._redis.zscore(self.keys.due, image_id) is None:
-            return False
-        if force:
-            await self._redis.zadd(self.keys.seen, {image_id: now})
+        """Write a re-signed entry; False (and nothing left behind) if the id was purged
+        meanwhile, unless `force` (an explicit refresh) puts it back in the index.
+
+        Payload first, index second: if the payload write fails the id stays leased and comes due
+        again. A purge removes the index entry before the payload, so whichever order the two
+        interleave in, a purged id never keeps a payload written by a refresh."""
         await self._redis.set(
             self.keys.url(image_id), dumps(entry), px=int((entry.expires_at - now) * 1000)
         )
+        due = entry.expires_at - self._refresh_before
+        if force:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.zadd(self.keys.due, {image_id: due})
+                pipe.zadd(self.keys.seen, {image_id: now})
+                await pipe.execute()
+            return True
+        updated = await self._redis.zadd(self.keys.due, {image_id: due}, xx=True, ch=True)
+        if not updated and await self._redis.zscore(self.keys.due, image_id) is None:
+            await self._redis.delete(self.keys.url(image_id))
+            return False
         return True
 
     async def release(self, image_ids: Sequence[str], now: float) -> None:
@@ -85,11 +94,11 @@ class Index:
 
     async def purge(self, image_id: str) -> None:
         """Forget the id everywhere: payload, index, and every proxy's LRU (via pub/sub)."""
-        await self._redis.delete(self.keys.url(image_id))
         async with self._redis.pipeline(transaction=False) as pipe:
             pipe.zrem(self.keys.due, image_id)
             pipe.zrem(self.keys.seen, image_id)
             await pipe.execute()
+        await self._redis.delete(self.keys.url(image_id))  # after the index: see `store`
         await self.announce(image_id)
 
     async def announce(self, image_id: str) -> None:

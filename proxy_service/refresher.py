@@ -13,17 +13,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from redis.exceptions import RedisError
+from starlette.applications import Starlette
 
+from . import metrics
 from .config import Config
 from .errors import NotFound
 from .index import Index
+from .ops import ops_app
 from .resolvers import Resolver, check_key, make_resolver
 from .storage import Signer, make_signer
 
@@ -54,6 +57,12 @@ class Totals:
     errors: dict[str, int] = field(default_factory=dict)
 
     def add(self, stats: CycleStats) -> None:
+        metrics.CYCLES.inc()
+        metrics.CLAIMED.inc(stats.claimed)
+        metrics.REFRESHED.inc(stats.refreshed)
+        metrics.FAILED.inc(stats.failed)
+        metrics.RETIRED.inc(stats.retired)
+        metrics.LAG.set(stats.lag)
         self.cycles += 1
         self.claimed += stats.claimed
         self.refreshed += stats.refreshed
@@ -107,15 +116,17 @@ class Refresher:
         now = time.time()
         stats = CycleStats(lag=await self.index.lag(now))
         while not self.stop.is_set():
-            ids = await self.index.claim(now, c.refresh_lease, c.refresh_batch)
+            ids = await self._claim(now)
             stats.claimed += len(ids)
             if ids:
                 await self._batch(ids, now, stats)
+                self._beat()  # a long drain is progress too: keep the liveness probe happy
             if len(ids) < c.refresh_batch:
                 break
             now = time.time()
         self.totals.add(stats)
         self.totals.index_size = await self.index.size()
+        metrics.INDEX_SIZE.set(self.totals.index_size)
         self.totals.last_cycle_at = time.time()
         if stats.claimed or stats.lag:
             log.info(
@@ -127,6 +138,19 @@ class Refresher:
                 stats.lag,
             )
         return stats
+
+    async def _claim(self, now: float) -> list[str]:
+        claim = asyncio.ensure_future(
+            self.index.claim(now, self.config.refresh_lease, self.config.refresh_batch)
+        )
+        try:
+            return await asyncio.shield(claim)
+        except asyncio.CancelledError:
+            # Stopped while the claim was on its way: whatever it took goes straight back.
+            with contextlib.suppress(Exception):
+                ids = await asyncio.wait_for(claim, self.config.redis_timeout + 1.0)
+                await self.index.release(ids, time.time())
+            raise
 
     async def _batch(self, ids: list[str], now: float, stats: CycleStats) -> None:
         gate = asyncio.Semaphore(self.config.refresh_concurrency)
@@ -161,7 +185,8 @@ class Refresher:
                 await self.index.purge(image_id)  # the object is gone: nobody should get a URL
                 return "retired"
             entry = self.signer.sign(key, time.time())
-            await self.index.store(image_id, entry, time.time())
+            if not await self.index.store(image_id, entry, time.time()):
+                return "retired"  # purged while we were signing it
             return "refreshed"
         except asyncio.CancelledError:
             raise
@@ -190,29 +215,37 @@ class Refresher:
                 log.warning("cannot write heartbeat file: %s", exc.strerror)
 
 
-async def serve(config: Config) -> None:
-    """Run until SIGTERM/SIGINT, then drain and close."""
+def make_app(config: Config) -> Starlette:
+    """The refresher process: its ops listener (/metrics, /healthz, /readyz) under uvicorn, with
+    the worker loop in the lifespan. uvicorn turns SIGTERM into a lifespan shutdown, where the
+    worker stops claiming, drains within `refresh_drain_timeout`, hands back the rest and closes."""
     index = Index(config)
-    refresher = Refresher(config, index)
-    loop = asyncio.get_running_loop()
-    worker = asyncio.ensure_future(refresher.run())
+    worker = Refresher(config, index)
 
-    def shutdown() -> None:
-        log.info("stopping: no new claims; draining claimed work")
-        refresher.stop.set()
-        worker.cancel()
+    async def readiness() -> tuple[bool, dict[str, Any]]:
+        try:
+            redis = await index.ping()
+        except (RedisError, OSError):
+            redis = False
+        return redis, {"status": "ready" if redis else "redis down", "cycles": worker.totals.cycles}
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, shutdown)
-    log.info("refresher started (refresh %ds before expiry)", config.refresh_before)
-    try:
-        await worker
-    except asyncio.CancelledError:
-        pass
-    finally:
-        await refresher.resolver.aclose()
-        await index.aclose()
-    log.info("refresher stopped")
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        task = asyncio.ensure_future(worker.run())
+        log.info("refresher started (refresh %ds before expiry)", config.refresh_before)
+        try:
+            yield
+        finally:
+            log.info("stopping: no new claims; draining claimed work")
+            worker.stop.set()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await worker.resolver.aclose()
+            await index.aclose()
+            log.info("refresher stopped")
+
+    return ops_app(readiness, "", lifespan=lifespan)
 
 
 def check(config: Config, now: float | None = None) -> bool:

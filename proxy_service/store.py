@@ -25,6 +25,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from . import metrics
 from .config import Config
 from .storage import Entry
 
@@ -149,7 +150,8 @@ class RedisStore:
         if not image_ids or not self.up:
             return
         try:
-            await self._redis.zadd(self.keys.seen, dict.fromkeys(image_ids, now))
+            # XX: only ids still indexed; a purged or retired id must not reappear here.
+            await self._redis.zadd(self.keys.seen, dict.fromkeys(image_ids, now), xx=True)
         except (RedisError, OSError) as exc:
             self._failed(exc)
 
@@ -176,6 +178,7 @@ class RedisStore:
             self._failed(exc)
             return False
         self._down_until = 0.0
+        metrics.REDIS_UP.set(1)
         return True
 
     async def aclose(self) -> None:
@@ -183,6 +186,8 @@ class RedisStore:
 
     def _failed(self, exc: BaseException) -> None:
         self.errors += 1
+        metrics.REDIS_ERRORS.inc()
+        metrics.REDIS_UP.set(0)
         if self.up:
             # Only the exception's type: redis-py messages can carry the URL with its password.
             log.warning("redis unavailable (%s); serving without it", type(exc).__name__)

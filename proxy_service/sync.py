@@ -12,17 +12,18 @@ import asyncio
 import logging
 import time
 
-from redis.exceptions import RedisError
+from redis.asyncio import Redis
 
 from .cache import UrlCache
 from .config import Config
-from .store import Keys, RedisStore, close, connect
+from .store import Keys, RedisStore
 
 log = logging.getLogger("proxy_service.sync")
 
 
 async def flush_access(config: Config, cache: UrlCache, store: RedisStore) -> None:
     while True:
+        # A cancel swallowed by redis-py (see app.py) lands here at the latest.
         await asyncio.sleep(config.access_flush_interval)
         touched = cache.take_touched()
         if touched:
@@ -31,7 +32,9 @@ async def flush_access(config: Config, cache: UrlCache, store: RedisStore) -> No
 
 async def listen_purges(config: Config, cache: UrlCache) -> None:
     channel = Keys(config.redis_prefix).purge
-    client = connect(config, None)  # a subscriber blocks on reads: no socket timeout
+    # A subscriber blocks on reads: no socket timeout. A plain connection to one node also serves
+    # a Redis Cluster, where PUBLISH reaches every node's subscribers.
+    client = Redis.from_url(config.redis_url, socket_connect_timeout=config.redis_timeout)
     first = True
     try:
         while True:
@@ -48,9 +51,9 @@ async def listen_purges(config: Config, cache: UrlCache) -> None:
                         if message is not None and message["type"] == "message":
                             data = message["data"]
                             cache.drop_local(data.decode() if isinstance(data, bytes) else data)
-            except (RedisError, OSError) as exc:
+            except Exception as exc:  # the listener must outlive any failure: it only retries
                 log.warning("purge channel lost (%s); reconnecting", type(exc).__name__)
                 first = False
                 await asyncio.sleep(config.redis_backoff or 1.0)
     finally:
-        await close(client)
+        await client.aclose()

@@ -15,6 +15,7 @@ import re
 import aiohttp
 from yarl import URL
 
+from . import metrics
 from .config import Config
 from .errors import (
     Overloaded,
@@ -28,6 +29,9 @@ from .headers import RELAY_RESPONSE, parse_http_date
 from .storage import Entry
 
 log = logging.getLogger("proxy_service.upstream")
+_ERR_CONNECT = metrics.UPSTREAM_ERRORS.labels("connect")
+_ERR_TIMEOUT = metrics.UPSTREAM_ERRORS.labels("timeout")
+_ERR_5XX = metrics.UPSTREAM_ERRORS.labels("5xx")
 
 RELAYED_STATUS = frozenset((200, 206, 304, 416))
 _COS_CODE = re.compile(rb"<Code>([A-Za-z]{1,64})</Code>")
@@ -64,6 +68,7 @@ class HttpResponse:
         if resp is None:
             return
         self._origin._open -= 1
+        metrics.POOL_IN_USE.dec()
         if self._content.at_eof():
             resp.release()  # body complete: the connection goes back to the pool
         else:
@@ -125,15 +130,20 @@ class HttpOrigin:
                 if pool_full:
                     # Waited for a pooled connection, not for the origin: our capacity, not theirs.
                     raise Overloaded("no free upstream connection in time") from None
+                _ERR_TIMEOUT.inc()
                 error: UpstreamError | UpstreamTimeout = UpstreamTimeout("no connection in time")
             except TimeoutError:
+                _ERR_TIMEOUT.inc()
                 error = UpstreamTimeout("no response in time")
             except aiohttp.ClientError as exc:
+                _ERR_CONNECT.inc()
                 error = UpstreamError(f"upstream request failed: {type(exc).__name__}")
             else:
                 status = resp.status
+                metrics.UPSTREAM.labels(metrics.status_class(status)).inc()
                 if status in RELAYED_STATUS:
                     self._open += 1
+                    metrics.POOL_IN_USE.inc()
                     return HttpResponse(self, resp)
                 if status == 403:
                     raise UpstreamForbidden(f"upstream 403 {await _cos_code(resp)}")
@@ -142,12 +152,14 @@ class HttpOrigin:
                     raise UpstreamNotFound()
                 if status < 500:
                     raise UpstreamError(f"unexpected upstream status {status}")
+                _ERR_5XX.inc()
                 error = UpstreamError(f"upstream status {status}")
             finally:
                 self._waiting -= 1
             if attempt >= self._retries:
                 raise error
             attempt += 1
+            metrics.RETRIES.inc()
             log.info("retrying upstream (%s), attempt %d", error.detail, attempt + 1)
             await asyncio.sleep(0.05 * attempt)
 

@@ -30,11 +30,15 @@ class ThreadedProxy:
     """uvicorn (uvloop + httptools, as in production) serving a `ProxyApp` from a thread."""
 
     def __init__(self, config: Config) -> None:
-        self.app = ProxyApp(config)
         self._sock = socket.socket()
         self._sock.bind(("127.0.0.1", 0))
+        self._internal = socket.socket()
+        self._internal.bind(("127.0.0.1", 0))
         self.port: int = self._sock.getsockname()[1]
+        self.internal_port: int = self._internal.getsockname()[1]
         self.base_url = f"http://127.0.0.1:{self.port}"
+        self.internal_url = f"http://127.0.0.1:{self.internal_port}"
+        self.app = ProxyApp(config.replace(port=self.port, internal_port=self.internal_port))
         self._server = uvicorn.Server(
             uvicorn.Config(
                 self.app,
@@ -47,7 +51,7 @@ class ThreadedProxy:
             )
         )
         self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [self._sock]}, daemon=True
+            target=self._server.run, kwargs={"sockets": [self._sock, self._internal]}, daemon=True
         )
 
     def start(self) -> ThreadedProxy:
@@ -63,6 +67,7 @@ class ThreadedProxy:
         self._server.should_exit = True
         self._thread.join(10)
         self._sock.close()
+        self._internal.close()
 
     def __enter__(self) -> ThreadedProxy:
         return self.start()
@@ -76,8 +81,15 @@ class ProxyProcess:
 
     def __init__(self, env: Mapping[str, str], *args: str) -> None:
         self.port = free_port()
+        self.internal_port = int(env.get("PROXY_INTERNAL_PORT") or free_port())
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self._env = {**os.environ, **env, "PROXY_PORT": str(self.port)}
+        self.internal_url = f"http://127.0.0.1:{self.internal_port}"
+        self._env = {
+            **os.environ,
+            **env,
+            "PROXY_PORT": str(self.port),
+            "PROXY_INTERNAL_PORT": str(self.internal_port),
+        }
         self._args = args
         self.proc: subprocess.Popen[bytes] | None = None
 
