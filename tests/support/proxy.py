@@ -79,7 +79,7 @@ class ThreadedProxy:
 class ProxyProcess:
     """`python -m proxy_service serve` in a child process, configured through the environment."""
 
-    def __init__(self, env: Mapping[str, str], *args: str) -> None:
+    def __init__(self, env: Mapping[str, str], *args: str, access_log: bool = False) -> None:
         self.port = free_port()
         self.internal_port = int(env.get("PROXY_INTERNAL_PORT") or free_port())
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -90,12 +90,12 @@ class ProxyProcess:
             "PROXY_PORT": str(self.port),
             "PROXY_INTERNAL_PORT": str(self.internal_port),
         }
-        self._args = args
+        self._args = args if access_log else ("--no-access-log", *args)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 15) -> ProxyProcess:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy_service", "serve", "--no-access-log", *self._args],
+            [sys.executable, "-m", "proxy_service", "serve", *self._args],
             env=self._env,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
