@@ -25,8 +25,9 @@ from . import metrics, sync
 from .cache import UrlCache
 from .config import Config
 from .handler import ImageHandler, Receive, Scope, Send
+from .objects import ObjectCache
 from .ops import ops_app
-from .resolvers import make_resolver
+from .resolvers import Backed, make_resolver
 from .storage import Origin, make_signer
 from .store import RedisStore
 
@@ -40,8 +41,15 @@ class ProxyApp:
         self.resolver = make_resolver(config)
         self.cache = UrlCache(config, self.resolver, make_signer(config), self.store)
         self.origin = _make_origin(config)
+        # Local files are already in the page cache: the small-object cache is for remote origins.
+        use_objects = config.object_cache_size and config.storage != "local"
+        self.objects = ObjectCache(config) if use_objects else None
         self.handler = ImageHandler(
-            config, self.cache, self.origin, can_redirect=config.storage != "local"
+            config,
+            self.cache,
+            self.origin,
+            can_redirect=config.storage != "local",
+            objects=self.objects,
         )
         self.router = Starlette(
             lifespan=self._lifespan,
@@ -64,17 +72,25 @@ class ProxyApp:
             await self.router(scope, receive, send)
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
-        """Ready while serving with the upstream client open; Redis down only degrades."""
+        """Ready while serving with the upstream client open; Redis or the resolver's database
+        down only degrades (cached ids are still served)."""
         redis = "off"
         if self.store is not None:
             redis = "up" if await self.store.ping() else "down"
-        status = "ready" if redis != "down" else "degraded"
+        extra: dict[str, Any] = {}
+        if isinstance(self.resolver, Backed):
+            extra["resolver"] = "up" if await self.resolver.ping() else "down"
+        down = redis == "down" or extra.get("resolver") == "down"
+        status = "degraded" if down else "ready"
         if not self._serving:
             status = "stopping"
-        return self._serving, {"status": status, "redis": redis, "storage": self.config.storage}
+        body = {"status": status, "redis": redis, "storage": self.config.storage, **extra}
+        return self._serving, body
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        if isinstance(self.resolver, Backed):
+            await self.resolver.start()  # first: a wrong query fails start-up, with nothing open
         await self.origin.start()
         tasks: list[asyncio.Task[None]] = []
         if self.store is not None:
@@ -82,7 +98,7 @@ class ProxyApp:
                 log.warning("redis is not reachable at start-up; serving without it until it is")
             tasks = [
                 asyncio.ensure_future(sync.flush_access(self.config, self.cache, self.store)),
-                asyncio.ensure_future(sync.listen_purges(self.config, self.cache)),
+                asyncio.ensure_future(sync.listen_purges(self.config, self.cache, self.objects)),
             ]
         log.info("proxy ready", extra={"config": self.config.redacted()})
         self._serving = True

@@ -8,6 +8,7 @@ Nothing else in the package reads `os.environ`.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -21,6 +22,7 @@ Storage = Literal["local", "cos"]
 Mode = Literal["stream", "redirect"]
 Scheme = Literal["http", "https"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+ResolverKind = Literal["template", "sql"]
 
 
 class ConfigError(ValueError):
@@ -51,6 +53,14 @@ class Config:
     local_root: str = SAMPLE_ROOT
     key_template: str = "images/{id}"
     id_max_length: int = 256
+    # `sql`: ids are looked up in the application's PostgreSQL (README, "Database resolver"); the
+    # key it returns must still stay under PROXY_KEY_TEMPLATE's prefix. Needs the `postgres` extra.
+    resolver: ResolverKind = "template"
+    sql_dsn: str = _secret()  # postgresql://user:password@host:5432/db
+    sql_query: str = ""  # e.g. SELECT cos_key FROM images WHERE id = $1 AND deleted_at IS NULL
+    sql_pool_min: int = 1
+    sql_pool_size: int = 10
+    sql_timeout: float = 1.0  # connect, pool wait and statement, seconds
 
     # COS (used when storage == "cos").
     cos_secret_id: str = _secret()
@@ -91,6 +101,11 @@ class Config:
     cache_control: str = "public, max-age=86400"
     not_found_max_age: int = 60
     redirect_max_age: int = 300
+
+    # A bounded in-process cache of small hot objects (0 bytes: off).
+    object_cache_size: int = 64 * 1024 * 1024
+    object_cache_max_object: int = 256 * 1024
+    object_cache_ttl: float = 10.0
 
     # The pooled upstream client.
     upstream_pool_size: int = 256
@@ -173,6 +188,27 @@ class Config:
                 "cos_domain",
                 "must be a host[:port] without scheme or path",
             )
+        if self.resolver == "sql":
+            # Messages never quote the DSN: it holds the database password.
+            need(bool(self.sql_dsn), "sql_dsn", "is required when PROXY_RESOLVER=sql")
+            need(
+                self.sql_dsn.startswith(("postgresql://", "postgres://")),
+                "sql_dsn",
+                "must be a postgresql:// URL",
+            )
+            need(bool(self.sql_query.strip()), "sql_query", "is required when PROXY_RESOLVER=sql")
+            need(
+                _installed("asyncpg"),
+                "resolver",
+                "sql needs asyncpg: pip install 'proxy-service[postgres]'",
+            )
+        need(1 <= self.sql_pool_size <= 1000, "sql_pool_size", "must be 1-1000")
+        need(
+            0 <= self.sql_pool_min <= self.sql_pool_size,
+            "sql_pool_min",
+            "must be 0-PROXY_SQL_POOL_SIZE",
+        )
+        need(0 < self.sql_timeout <= 60, "sql_timeout", "must be in (0, 60] seconds")
         need(self.sign_expires >= 60, "sign_expires", "must be at least 60 seconds")
         need(
             0 <= self.expiry_margin < self.sign_expires // 2,
@@ -213,6 +249,16 @@ class Config:
         )
         need(self.not_found_max_age >= 0, "not_found_max_age", "must be >= 0")
         need(self.redirect_max_age >= 0, "redirect_max_age", "must be >= 0")
+        need(self.object_cache_size >= 0, "object_cache_size", "must be >= 0 (0: off)")
+        need(
+            self.object_cache_max_object > 0
+            and (
+                not self.object_cache_size or self.object_cache_max_object <= self.object_cache_size
+            ),
+            "object_cache_max_object",
+            "must be > 0 and at most PROXY_OBJECT_CACHE_SIZE",
+        )
+        need(self.object_cache_ttl >= 0, "object_cache_ttl", "must be >= 0")
         need(self.upstream_pool_size >= 1, "upstream_pool_size", "must be at least 1")
         need(self.upstream_connect_timeout > 0, "upstream_connect_timeout", "must be > 0")
         need(self.upstream_read_timeout > 0, "upstream_read_timeout", "must be > 0")
@@ -260,6 +306,13 @@ class Config:
         config = dataclasses.replace(self, **changes)
         config.validate()
         return config
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ValueError:  # in sys.modules as None: imports of it are blocked
+        return False
 
 
 _TRUE = {"1", "true", "yes", "on"}

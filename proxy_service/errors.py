@@ -79,6 +79,16 @@ class Overloaded(ProxyError):
     headers = ((b"retry-after", b"1"),)
 
 
+class ResolverUnavailable(ProxyError):
+    """The resolver's database is down, slow or out of connections. A 503, never a 404 that a
+    CDN would keep: the id may well exist."""
+
+    status = 503
+    message = "temporarily unavailable"
+    label = "resolver_unavailable"
+    headers = ((b"retry-after", b"5"),)
+
+
 class ObjectTooLarge(ProxyError):
     """The object is larger than PROXY_MAX_OBJECT_SIZE: a 502, the origin holds something this
     proxy is configured not to serve (413 is about request bodies)."""

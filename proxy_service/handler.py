@@ -35,10 +35,15 @@ from .errors import (
 )
 from .headers import Headers, forward_headers
 from .ids import parse_id
+from .objects import CachedObject, ObjectCache
 from .storage import Entry, Origin, OriginResponse
 
 log = logging.getLogger("proxy_service.handler")
 access_log = logging.getLogger("proxy_service.access")
+_OBJECT_HIT = metrics.OBJECT_CACHE.labels("hit")
+_OBJECT_MISS = metrics.OBJECT_CACHE.labels("miss")
+_OBJECT_REVALIDATED = metrics.OBJECT_CACHE.labels("revalidated")
+_OBJECT_STALE = metrics.OBJECT_CACHE.labels("stale")
 
 PREFIX = b"/images/"
 PREFIX_LEN = len(PREFIX)
@@ -55,10 +60,17 @@ Send = Any
 
 class ImageHandler:
     def __init__(
-        self, config: Config, cache: UrlCache, origin: Origin, *, can_redirect: bool
+        self,
+        config: Config,
+        cache: UrlCache,
+        origin: Origin,
+        *,
+        can_redirect: bool,
+        objects: ObjectCache | None = None,
     ) -> None:
         self.cache = cache
         self.origin = origin
+        self.objects = objects
         self._max_len = config.id_max_length
         self._redirect_default = config.mode == "redirect"
         self._override = config.allow_mode_override
@@ -256,7 +268,26 @@ class ImageHandler:
         until: float | None,
     ) -> None:
         method = scope["method"]
-        resp = await self._open(image_id, entry, method, forward_headers(scope["headers"]), now)
+        fwd = forward_headers(scope["headers"])
+        objects = self.objects
+        if objects is not None:
+            obj = objects.get(image_id)
+            if obj is not None and not objects.fresh(obj, now):
+                obj = await self._revalidate(image_id, entry, obj, now)
+            if obj is not None:
+                _OBJECT_HIT.inc()
+                status, headers, body = objects.answer(obj, fwd)
+                if status == 416:
+                    body = b"range not satisfiable\n"
+                    headers += [_TEXT, (b"content-length", b"%d" % len(body)), _NO_STORE]
+                else:
+                    headers.append(
+                        self._success_cc if until is None else self._capped_cc(until - now)
+                    )
+                await _respond(send, status, headers, body if method == "GET" else b"")
+                return
+            _OBJECT_MISS.inc()
+        resp = await self._open(image_id, entry, method, fwd, now)
         watcher: asyncio.Task[None] | None = None
         try:
             status = resp.status
@@ -288,6 +319,9 @@ class ImageHandler:
             if counting and sent > limit:
                 raise ObjectTooLarge("unannounced length over the limit")
             if resp.at_eof():  # small objects: one send, no disconnect watcher
+                if objects is not None and status == 200 and method == "GET" and not fwd:
+                    objects.admit(image_id, headers, chunk, now)
+                    metrics.OBJECT_CACHE_BYTES.set(objects.size_bytes)
                 await _respond(send, status, headers, chunk)
                 return
             await send({"type": "http.response.start", "status": status, "headers": headers})
@@ -320,6 +354,21 @@ class ImageHandler:
                 watcher.cancel()
                 metrics.STREAMS.dec()
             resp.close()
+
+    async def _revalidate(
+        self, image_id: str, entry: Entry, obj: CachedObject, now: float
+    ) -> CachedObject | None:
+        """Ask the origin whether a stale copy is still current: a 304 keeps it another ttl."""
+        resp = await self._open(image_id, entry, "GET", {"if-none-match": obj.etag}, now)
+        resp.close()
+        assert self.objects is not None
+        if resp.status == 304:
+            obj.checked_at = now
+            _OBJECT_REVALIDATED.inc()
+            return obj
+        self.objects.drop(image_id)  # replaced: fetch it the normal way (and admit it again)
+        _OBJECT_STALE.inc()
+        return None
 
     def _capped_cc(self, seconds: float) -> tuple[bytes, bytes]:
         """The success Cache-Control with every max-age cut to what a signed URL has left."""

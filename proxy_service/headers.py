@@ -121,3 +121,22 @@ def if_range_allows(headers: dict[str, str], etag: str, mtime: float) -> bool:
         return not value.startswith("W/") and value == etag
     date = parse_http_date(value)
     return date is not None and date == int(mtime)
+
+
+def select(
+    headers: dict[str, str], etag: str, mtime: float, size: int
+) -> tuple[int, int, int, Headers]:
+    """What to answer from a stored copy, given the client's conditional and range headers:
+    (status, first byte, length, extra headers) for 304, 416, 206 or 200."""
+    if not_modified(headers, etag, mtime):
+        return 304, 0, 0, []
+    rng = headers.get("range")
+    if rng is not None and if_range_allows(headers, etag, mtime):
+        parsed = parse_range(rng, size)
+        if parsed is False:
+            return 416, 0, 0, [(b"content-range", b"bytes */%d" % size)]
+        if parsed is not None:
+            length = parsed.end - parsed.start + 1
+            content_range = b"bytes %d-%d/%d" % (parsed.start, parsed.end, size)
+            return 206, parsed.start, length, [(b"content-range", content_range)]
+    return 200, 0, size, []

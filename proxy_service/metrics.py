@@ -55,6 +55,14 @@ RETRIES = Counter("proxy_upstream_retries", "Origin requests retried")
 POOL_IN_USE = Gauge(
     "proxy_upstream_pool_in_use", "Upstream responses open now", multiprocess_mode="livesum"
 )
+OBJECT_CACHE = Counter(
+    "proxy_object_cache_lookups",
+    "Small-object cache: hit (fresh), revalidated (304 upstream), stale (refetched), miss",
+    ["result"],
+)
+OBJECT_CACHE_BYTES = Gauge(
+    "proxy_object_cache_bytes", "Bytes held by the small-object cache", multiprocess_mode="livesum"
+)
 REDIS_ERRORS = Counter("proxy_redis_errors", "Redis calls that failed (served without Redis)")
 REDIS_UP = Gauge(
     "proxy_redis_up", "1 if Redis answered the last check, 0 if not", multiprocess_mode="livemin"

@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 
 from .cache import UrlCache
 from .config import Config
+from .objects import ObjectCache
 from .store import Keys, RedisStore
 
 log = logging.getLogger("proxy_service.sync")
@@ -30,7 +31,9 @@ async def flush_access(config: Config, cache: UrlCache, store: RedisStore) -> No
             await store.touch(touched, time.time())
 
 
-async def listen_purges(config: Config, cache: UrlCache) -> None:
+async def listen_purges(
+    config: Config, cache: UrlCache, objects: ObjectCache | None = None
+) -> None:
     channel = Keys(config.redis_prefix).purge
     # A subscriber blocks on reads: no socket timeout. A plain connection to one node also serves
     # a Redis Cluster, where PUBLISH reaches every node's subscribers.
@@ -43,6 +46,8 @@ async def listen_purges(config: Config, cache: UrlCache) -> None:
                     await pubsub.subscribe(channel)
                     if not first:
                         cache.clear_local()  # purges sent while we were away are unknown
+                        if objects is not None:
+                            objects.clear()
                     first = False
                     while True:
                         message = await pubsub.get_message(
@@ -50,7 +55,10 @@ async def listen_purges(config: Config, cache: UrlCache) -> None:
                         )
                         if message is not None and message["type"] == "message":
                             data = message["data"]
-                            cache.drop_local(data.decode() if isinstance(data, bytes) else data)
+                            image_id = data.decode() if isinstance(data, bytes) else data
+                            cache.drop_local(image_id)
+                            if objects is not None:
+                                objects.drop(image_id)
             except Exception as exc:  # the listener must outlive any failure: it only retries
                 log.warning("purge channel lost (%s); reconnecting", type(exc).__name__)
                 first = False

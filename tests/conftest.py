@@ -38,6 +38,8 @@ def cos_config(cos: CosTestServer) -> ConfigFactory:
             "cos_scheme": "http",
             "upstream_connect_timeout": 2.0,
             "upstream_read_timeout": 5.0,
+            # Off unless a test is about it: most tests watch every request reach the origin.
+            "object_cache_size": 0,
         }
         base.update(changes)
         config = Config(**base)

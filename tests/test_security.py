@@ -436,6 +436,7 @@ def test_no_secret_reaches_logs_or_responses(
             signing_keys=",".join(SIGNING),
             max_object_size=100_000,
             log_level="debug",
+            object_cache_size=0,  # every request must reach the origin's failure modes
         )
         replies: list[Reply] = []
         caplog.set_level(logging.DEBUG)

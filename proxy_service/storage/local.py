@@ -16,7 +16,7 @@ from typing import BinaryIO
 
 from ..config import Config
 from ..errors import StreamAborted, UpstreamError, UpstreamNotFound
-from ..headers import Headers, Range, http_date, if_range_allows, not_modified, parse_range
+from ..headers import Headers, http_date, select
 from .base import Entry
 
 
@@ -101,19 +101,11 @@ class LocalOrigin:
             (b"last-modified", http_date(st.st_mtime).encode()),
             (b"accept-ranges", b"bytes"),
         ]
-        status, start, length = 200, 0, size
-        if not_modified(headers, etag, st.st_mtime):
+        status, start, length, extra = select(headers, etag, st.st_mtime, size)
+        if status in (304, 416):
             file.close()
-            return FileResponse(304, meta)
-        rng = headers.get("range")
-        if rng is not None and if_range_allows(headers, etag, st.st_mtime):
-            parsed = parse_range(rng, size)
-            if parsed is False:
-                file.close()
-                return FileResponse(416, [*meta, (b"content-range", f"bytes */{size}".encode())])
-            if isinstance(parsed, Range):
-                status, start, length = 206, parsed.start, parsed.end - parsed.start + 1
-                meta.append((b"content-range", f"bytes {start}-{parsed.end}/{size}".encode()))
+            return FileResponse(status, meta + extra)
+        meta += extra
         meta += [(b"content-type", content_type.encode()), (b"content-length", b"%d" % length)]
         if method == "HEAD":
             file.close()
