@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from proxy_service.cli import build_parser, main
-from proxy_service.config import SAMPLE_ROOT, Config, ConfigError
+from proxy_service.config import ENV_PREFIX, SAMPLE_ROOT, Config, ConfigError
 
 COS_ENV = {
     "PROXY_STORAGE": "cos",
@@ -456,3 +456,13 @@ def test_main_flag_overrides_environment(
     monkeypatch.setenv("PROXY_PORT", "9000")
     assert main(["serve", "--port", "70000"]) == 2
     assert "PROXY_PORT" in capsys.readouterr().err
+
+
+def test_readme_documents_every_setting() -> None:
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    missing = [
+        ENV_PREFIX + f.name.upper()
+        for f in dataclasses.fields(Config)
+        if ENV_PREFIX + f.name.upper() not in readme
+    ]
+    assert missing == [], f"README's Configuration table lacks {missing}"
