@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_type_hints
 
 import uvicorn
+from redis.exceptions import RedisError
 from uvicorn.supervisors import Multiprocess
 
 from . import logs, signing
 from .config import ENV_PREFIX, Config, ConfigError, _parse
-from .errors import BadId
+from .errors import BadId, ProxyError
 from .ids import parse_id
 
 if TYPE_CHECKING:
@@ -212,7 +213,12 @@ def _admin(config: Config, command: str, raw_ids: list[str]) -> int:
             await index.aclose()
         return 1 if failed else 0
 
-    return asyncio.run(run())
+    try:
+        return asyncio.run(run())
+    except (ProxyError, RedisError, OSError) as exc:
+        # Types only: messages from redis-py or asyncpg can quote a URL with its password.
+        print(f"proxy-service: {command} failed: {type(exc).__name__}", file=sys.stderr)
+        return 1
 
 
 def _add_sign_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

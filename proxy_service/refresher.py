@@ -27,7 +27,7 @@ from .config import Config
 from .errors import NotFound
 from .index import Index
 from .ops import ops_app
-from .resolvers import Resolver, check_key, make_resolver
+from .resolvers import Backed, Resolver, check_key, make_resolver
 from .storage import Signer, make_signer
 
 log = logging.getLogger("proxy_service.refresher")
@@ -231,6 +231,8 @@ def make_app(config: Config) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        if isinstance(worker.resolver, Backed):
+            await worker.resolver.start()  # a wrong query fails here, not as failed refreshes
         task = asyncio.ensure_future(worker.run())
         log.info("refresher started (refresh %ds before expiry)", config.refresh_before)
         try:
