@@ -105,9 +105,11 @@ class Refresher:
             except (RedisError, OSError) as exc:
                 # Only the type: redis-py messages can carry the URL with its password.
                 log.warning("refresh cycle failed: %s", type(exc).__name__)
+                metrics.REDIS_UP.set(0)
                 name = type(exc).__name__
                 self.totals.errors[name] = self.totals.errors.get(name, 0) + 1
                 continue
+            metrics.REDIS_UP.set(1)
             self._beat()
 
     async def cycle(self) -> CycleStats:
