@@ -36,10 +36,10 @@ from .errors import (
 from .headers import Headers, forward_headers
 from .ids import parse_id
 from .objects import CachedObject, ObjectCache
+from .observe import Observer, Probe
 from .storage import Entry, Origin, OriginResponse
 
 log = logging.getLogger("proxy_service.handler")
-access_log = logging.getLogger("proxy_service.access")
 _OBJECT_HIT = metrics.OBJECT_CACHE.labels("hit")
 _OBJECT_MISS = metrics.OBJECT_CACHE.labels("miss")
 _OBJECT_REVALIDATED = metrics.OBJECT_CACHE.labels("revalidated")
@@ -83,16 +83,10 @@ class ImageHandler:
         self._max_size = config.max_object_size
         self._max_in_flight = config.max_in_flight
         self.in_flight = 0  # requests between asking the origin and the end of their response
-        self._access_log = config.access_log
-        self._requests: dict[tuple[str, str, int], Any] = {}
-        self._durations = {
-            mode: (metrics.DURATION.labels(mode), metrics.TTFB.labels(mode))
-            for mode in ("stream", "redirect")
-        }
+        self._observer = Observer(config.access_log)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = time.perf_counter()
-        probe = _Probe(send)
+        probe = Probe(send)
         send = probe
         method = scope["method"]
         image_id = ""
@@ -126,41 +120,7 @@ class ImageHandler:
             metrics.ERRORS.labels("internal").inc()
             await self._internal_error(send, exc, image_id)
         finally:
-            self._observe(probe, method, mode, tier, image_id, started)
-
-    def _observe(
-        self, probe: _Probe, method: str, mode: str, tier: str, image_id: str, started: float
-    ) -> None:
-        elapsed = time.perf_counter() - started
-        status = probe.status
-        key = (method, mode, status // 100)
-        counter = self._requests.get(key)
-        if counter is None:
-            counter = metrics.REQUESTS.labels(method, mode, metrics.status_class(status))
-            self._requests[key] = counter
-        counter.inc()
-        durations = self._durations[mode]
-        durations[0].observe(elapsed)
-        if probe.first_byte:
-            durations[1].observe(probe.first_byte - started)
-        if probe.bytes:
-            metrics.BYTES.inc(probe.bytes)
-        if self._access_log:
-            access_log.info(
-                "request",
-                extra={
-                    "image_id": image_id,
-                    "method": method,
-                    "status": status,
-                    "mode": mode,
-                    "tier": tier,
-                    "bytes": probe.bytes,
-                    "duration_ms": round(elapsed * 1000, 2),
-                    "ttfb_ms": round((probe.first_byte - started) * 1000, 2)
-                    if probe.first_byte
-                    else None,
-                },
-            )
+            self._observer.observe(probe, method, mode, tier, image_id)
 
     def _check_signature(
         self, image_id: str, query: bytes, now: float
@@ -421,26 +381,6 @@ def _object_size(status: int, headers: Headers) -> int | None:
         elif name == b"content-length" and value.isdigit():
             length = int(value)
     return length
-
-
-class _Probe:
-    """Wraps `send` to see the status, the time of the first byte and the body bytes."""
-
-    __slots__ = ("bytes", "first_byte", "send", "status")
-
-    def __init__(self, send: Send) -> None:
-        self.send = send
-        self.status = 500
-        self.first_byte = 0.0
-        self.bytes = 0
-
-    async def __call__(self, message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.start":
-            self.status = message["status"]
-            self.first_byte = time.perf_counter()
-        else:
-            self.bytes += len(message.get("body", b""))
-        await self.send(message)
 
 
 async def _respond(send: Send, status: int, headers: Headers, body: bytes) -> None:
