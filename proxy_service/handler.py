@@ -229,6 +229,10 @@ class ImageHandler:
     ) -> None:
         method = scope["method"]
         fwd = forward_headers(scope["headers"])
+        if method == "HEAD" and "range" in fwd:
+            # RFC 9110 §14.2: Range is defined for GET only; HEAD answers as a plain GET would.
+            fwd.pop("range")
+            fwd.pop("if-range", None)
         objects = self.objects
         if objects is not None:
             obj = objects.get(image_id)

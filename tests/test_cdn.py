@@ -63,7 +63,9 @@ def test_success_statuses_carry_the_objects_validators_and_the_configured_policy
     for status, headers in cases.items():
         for method in ("GET", "HEAD"):
             reply = request(url, method=method, headers=headers)
-            assert reply.status == status, (method, headers)
+            # A HEAD ignores Range (RFC 9110 §14.2): the 206 case is a 200 for it.
+            expected = 200 if method == "HEAD" and status == 206 else status
+            assert reply.status == expected, (method, headers)
             assert reply.header("etag") == etag
             assert reply.header("last-modified") == last_modified
             assert reply.header("cache-control") == POLICY
@@ -163,10 +165,15 @@ def test_head_has_exactly_gets_headers(
     origin: ThreadedProxy, path: str, headers: dict[str, str], status: int
 ) -> None:
     get = request(origin.base_url + path, headers=headers)
+    assert get.status == status
+    # RFC 9110 §14.2: range handling is defined for GET only, so HEAD ignores Range and answers
+    # exactly what a GET without it would.
+    plain = {k: v for k, v in headers.items() if k != "Range"}
+    expected = get if plain == headers else request(origin.base_url + path, headers=plain)
     head = request(origin.base_url + path, method="HEAD", headers=headers)
-    assert get.status == head.status == status
+    assert head.status == expected.status
     assert head.body == b""
-    assert without_date(head) == without_date(get)
+    assert without_date(head) == without_date(expected)
 
 
 @pytest.mark.parametrize(
