@@ -33,6 +33,12 @@ class BadRequest(ProxyError):
     label = "bad_request"
 
 
+class HeadersTooLarge(ProxyError):
+    status = 431
+    message = "request headers too large"
+    label = "headers_too_large"
+
+
 class ModeUnavailable(ProxyError):
     status = 400
     message = "redirect mode is not available for this storage"

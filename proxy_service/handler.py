@@ -22,6 +22,7 @@ from .errors import (
     BadRequest,
     BadSignature,
     ExpiredSignature,
+    HeadersTooLarge,
     MethodNotAllowed,
     ModeUnavailable,
     NotFound,
@@ -47,6 +48,8 @@ _OBJECT_STALE = metrics.OBJECT_CACHE.labels("stale")
 
 PREFIX = b"/images/"
 PREFIX_LEN = len(PREFIX)
+MAX_HEADERS = 100
+MAX_HEADER_BYTES = 16 * 1024
 _TEXT = (b"content-type", b"text/plain; charset=utf-8")
 _NO_STORE = (b"cache-control", b"no-store")
 _DROP_ON_EMPTY = (b"content-length", b"content-type", b"content-encoding")
@@ -95,6 +98,13 @@ class ImageHandler:
         try:
             if method != "GET" and method != "HEAD":
                 raise MethodNotAllowed()
+            headers = scope["headers"]
+            # httptools buffers headers of any size: refuse what no image client sends.
+            if (
+                len(headers) > MAX_HEADERS
+                or sum(len(n) + len(v) for n, v in headers) > MAX_HEADER_BYTES
+            ):
+                raise HeadersTooLarge()
             raw_path = scope["raw_path"]
             # Routed on the decoded path: `/%69mages/x` must not be sliced as if it were raw.
             if not raw_path.startswith(PREFIX):
