@@ -66,6 +66,32 @@ def redis_prefix() -> Iterator[str]:
 
 
 @pytest.fixture
+def redis_client() -> Iterator[redis.Redis]:
+    """A plain synchronous client on the shared Redis, to look at (and plant) raw bytes."""
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.ping()
+    except redis.exceptions.ConnectionError:
+        pytest.fail(f"no Redis at {REDIS_URL}: start redis-server (.ci/run does)")
+    yield client
+    client.close()
+
+
+def cos_env(cos: CosTestServer, **extra: str) -> dict[str, str]:
+    """`PROXY_*` variables for a proxy process whose COS backend is the test origin."""
+    return {
+        "PROXY_STORAGE": "cos",
+        "PROXY_COS_SECRET_ID": cos.secret_id,
+        "PROXY_COS_SECRET_KEY": cos.secret_key,
+        "PROXY_COS_BUCKET": BUCKET,
+        "PROXY_COS_REGION": REGION,
+        "PROXY_COS_DOMAIN": cos.domain,
+        "PROXY_COS_SCHEME": "http",
+        **extra,
+    }
+
+
+@pytest.fixture
 def private_redis() -> Iterator[RedisServer]:
     server = RedisServer().start()
     try:

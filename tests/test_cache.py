@@ -7,9 +7,8 @@ import dataclasses
 import gc
 import itertools
 import time
-import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import pytest
@@ -29,37 +28,18 @@ _SIGNATURES = itertools.count(1)  # unique URLs across every signer of the test 
 
 
 @pytest.fixture
-def prefix() -> Iterator[str]:
-    """A key prefix of this test's own on the shared Redis; its keys are deleted afterwards."""
-    prefix = f"t:{uuid.uuid4().hex}:"
-    yield prefix
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        keys = list(client.scan_iter(match=prefix + "*", count=1000))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
+def prefix(redis_prefix: str) -> str:
+    return redis_prefix
 
 
 @pytest.fixture
-def raw() -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        client.ping()
-    except redis.exceptions.ConnectionError:
-        pytest.fail(f"no Redis at {REDIS_URL}")
-    yield client
-    client.close()
+def raw(redis_client: redis.Redis) -> redis.Redis:
+    return redis_client
 
 
 @pytest.fixture
-def server() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    try:
-        yield server
-    finally:
-        server.kill()
+def server(private_redis: RedisServer) -> RedisServer:
+    return private_redis
 
 
 class FakeResolver:

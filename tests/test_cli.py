@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 from proxy_service.config import SAMPLE_ROOT
-from tests.support.cos_server import BUCKET, REGION, CosTestServer
+from tests.conftest import cos_env
+from tests.support.cos_server import CosTestServer
 from tests.support.http import request
 from tests.support.proxy import ProxyProcess
 
@@ -64,15 +65,7 @@ def _rss_kib(pid: int) -> int:
 def test_streaming_200_mib_keeps_memory_flat(cos: CosTestServer) -> None:
     size = 200 * 1024 * 1024
     cos.put_pattern("images/huge.bin", size)
-    env = {
-        "PROXY_STORAGE": "cos",
-        "PROXY_COS_SECRET_ID": cos.secret_id,
-        "PROXY_COS_SECRET_KEY": cos.secret_key,
-        "PROXY_COS_BUCKET": BUCKET,
-        "PROXY_COS_REGION": REGION,
-        "PROXY_COS_DOMAIN": cos.domain,
-        "PROXY_COS_SCHEME": "http",
-    }
+    env = cos_env(cos)
     with ProxyProcess(env) as proxy:
         assert (
             request(proxy.base_url + "/images/huge.bin", headers={"Range": "bytes=0-0"}).status

@@ -7,7 +7,8 @@ import logging
 import sys
 
 from proxy_service.logs import JsonFormatter
-from tests.support.cos_server import BUCKET, REGION, CosTestServer
+from tests.conftest import cos_env
+from tests.support.cos_server import CosTestServer
 from tests.support.http import request
 from tests.support.proxy import ProxyProcess
 
@@ -29,16 +30,7 @@ def test_formatter_writes_extras_and_no_traceback_text() -> None:
 
 def test_access_lines_are_json_and_clean(cos: CosTestServer) -> None:
     cos.put("images/cat.png", b"cat")
-    env = {
-        "PROXY_STORAGE": "cos",
-        "PROXY_COS_SECRET_ID": cos.secret_id,
-        "PROXY_COS_SECRET_KEY": cos.secret_key,
-        "PROXY_COS_BUCKET": BUCKET,
-        "PROXY_COS_REGION": REGION,
-        "PROXY_COS_DOMAIN": cos.domain,
-        "PROXY_COS_SCHEME": "http",
-        "PROXY_ALLOW_MODE_OVERRIDE": "true",
-    }
+    env = cos_env(cos, PROXY_ALLOW_MODE_OVERRIDE="true")
     with ProxyProcess(env, access_log=True) as proxy:
         assert request(proxy.base_url + "/images/cat.png").status == 200
         assert request(proxy.base_url + "/images/cat.png?mode=redirect").status == 302

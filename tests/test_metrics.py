@@ -7,7 +7,8 @@ import signal
 import time
 from pathlib import Path
 
-from tests.support.cos_server import BUCKET, REGION, CosTestServer
+from tests.conftest import cos_env
+from tests.support.cos_server import CosTestServer
 from tests.support.http import request
 from tests.support.proxy import ProxyProcess
 from tests.support.scrape import scrape, value
@@ -32,16 +33,7 @@ def test_two_workers_counters_add_up(cos: CosTestServer, tmp_path: Path) -> None
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
     (metrics_dir / "counter_12345.db").write_bytes(b"stale from an earlier run")
-    env = {
-        "PROXY_STORAGE": "cos",
-        "PROXY_COS_SECRET_ID": cos.secret_id,
-        "PROXY_COS_SECRET_KEY": cos.secret_key,
-        "PROXY_COS_BUCKET": BUCKET,
-        "PROXY_COS_REGION": REGION,
-        "PROXY_COS_DOMAIN": cos.domain,
-        "PROXY_COS_SCHEME": "http",
-        "PROXY_METRICS_DIR": str(metrics_dir),
-    }
+    env = cos_env(cos, PROXY_METRICS_DIR=str(metrics_dir))
     with ProxyProcess(env, "--workers", "2") as proxy:
         deadline = time.monotonic() + 10
         while len(_children(proxy.pid)) < 2:

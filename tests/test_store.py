@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -30,40 +29,18 @@ ENTRY = Entry(
 
 
 @pytest.fixture
-def prefix() -> Iterator[str]:
-    """A key prefix of this test's own on the shared Redis; its keys are deleted afterwards."""
-    prefix = f"t:{uuid.uuid4().hex}:"
-    yield prefix
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        keys = list(client.scan_iter(match=prefix + "*", count=1000))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
+def prefix(redis_prefix: str) -> str:
+    return redis_prefix
 
 
 @pytest.fixture
-def raw() -> Iterator[redis.Redis]:
-    """A plain synchronous client to look at (and plant) the bytes behind the store."""
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        client.ping()
-    except redis.exceptions.ConnectionError:
-        pytest.fail(f"no Redis at {REDIS_URL}")
-    yield client
-    client.close()
+def raw(redis_client: redis.Redis) -> redis.Redis:
+    return redis_client
 
 
 @pytest.fixture
-def server() -> Iterator[RedisServer]:
-    server = RedisServer().start()
-    try:
-        yield server
-    finally:
-        if server.proc is not None and server.proc.poll() is None:
-            server.resume()  # a SIGSTOPped process would otherwise ignore nothing but SIGKILL
-        server.kill()
+def server(private_redis: RedisServer) -> RedisServer:
+    return private_redis
 
 
 def shared(prefix: str, **changes: Any) -> Config:
