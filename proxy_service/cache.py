@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections import OrderedDict
 from typing import Literal
 
@@ -76,6 +77,12 @@ class UrlCache:
             task.add_done_callback(lambda _: self._inflight.pop(flight, None))
         # Shielded: a client that goes away must not cancel the resolution others wait for.
         return await asyncio.shield(task)
+
+    def for_method(self, entry: Entry, method: str, now: float) -> Entry:
+        """The entry with a URL for `method`: HEAD URLs are signed on demand, never cached."""
+        if method != "HEAD" or entry.head_url:
+            return entry
+        return dataclasses.replace(entry, head_url=self._signer.head_url(entry, now))
 
     def take_touched(self) -> set[str]:
         touched, self._touched = self._touched, set()

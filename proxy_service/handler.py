@@ -119,6 +119,7 @@ class ImageHandler:
             if redirect:
                 mode = "redirect"
             entry, tier = await self.cache.get(image_id, now)
+            entry = self.cache.for_method(entry, method, now)
             if redirect:
                 await self._redirect(send, entry, method, now, until)
             else:
@@ -203,6 +204,7 @@ class ImageHandler:
                 log.info("re-signing after %s", exc.detail, extra={"image_id": image_id})
                 metrics.RESIGNS.inc()
                 entry, _ = await self.cache.get(image_id, now, avoid=entry.url)
+                entry = self.cache.for_method(entry, method, now)
                 return await self.origin.open(entry, method, headers)
         except UpstreamNotFound:
             await self.cache.mark_missing(image_id, now)

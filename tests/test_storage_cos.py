@@ -15,15 +15,18 @@ def test_get_and_head_urls_are_signed_for_their_method(
 ) -> None:
     cos.put("images/2024/05/a-b_c~d.png", b"data")
     now = time.time()
-    entry = CosSigner(cos_config()).sign("images/2024/05/a-b_c~d.png", now)
+    signer = CosSigner(cos_config())
+    entry = signer.sign("images/2024/05/a-b_c~d.png", now)
     assert entry.key == "images/2024/05/a-b_c~d.png"
     assert entry.signed_at == now
     assert entry.expires_at == now + 3600
+    assert entry.head_url == ""  # signed only when a HEAD asks (a miss pays for one presign)
     assert request(entry.url).body == b"data"
-    assert request(entry.head_url, method="HEAD").status == 200
+    head_url = signer.head_url(entry, now)
+    assert request(head_url, method="HEAD").status == 200
     # The method is part of the signature: crossing them is refused.
     assert request(entry.url, method="HEAD").status == 403
-    refused = request(entry.head_url)
+    refused = request(head_url)
     assert refused.status == 403
     assert b"SignatureDoesNotMatch" in refused.body
 
@@ -60,3 +63,16 @@ def test_wrong_secret_is_refused(cos: CosTestServer, cos_config: ConfigFactory) 
     reply = request(entry.url)
     assert reply.status == 403
     assert b"SignatureDoesNotMatch" in reply.body
+
+
+def test_head_url_lives_as_long_as_the_entry(cos: CosTestServer, cos_config: ConfigFactory) -> None:
+    cos.put("images/a.png", b"data")
+    signer = CosSigner(cos_config(sign_expires=600, expiry_margin=60))
+    now = time.time()
+    entry = signer.sign("images/a.png", now)
+    head_url = signer.head_url(entry, time.time())
+    assert request(head_url, method="HEAD").status == 200
+    cos.clock = lambda: now + 590
+    assert request(head_url, method="HEAD").status == 200
+    cos.clock = lambda: now + 620
+    assert request(head_url, method="HEAD").status == 403

@@ -12,7 +12,8 @@ from ..headers import Headers
 class Entry:
     """What the URL cache holds for one id: the object key and its presigned URLs.
 
-    The HTTP method is part of a COS signature, so HEAD has its own URL.
+    The HTTP method is part of a COS signature, so HEAD has its own URL; it is signed only when a
+    HEAD asks for it (`head_url` empty until then; see `Signer.head_url`).
     """
 
     key: str
@@ -29,6 +30,10 @@ class Signer(Protocol):
     """Turns an object key into an `Entry`. Local computation only: no network I/O."""
 
     def sign(self, key: str, now: float) -> Entry: ...
+
+    def head_url(self, entry: Entry, now: float) -> str:
+        """A URL signed for HEAD, valid as long as `entry`."""
+        ...
 
 
 class OriginResponse(Protocol):

@@ -34,20 +34,26 @@ class CosSigner:
         self._credential_expires_at = config.cos_credential_expires_at or float("inf")
 
     def sign(self, key: str, now: float) -> Entry:
-        def presign(method: str) -> str:
-            url: str = self._client.get_presigned_url(
-                Bucket=self._bucket,
-                Key=key,
-                Method=method,
-                Expired=self._expires,
-                Params=dict(self._params),
-            )
-            return url
-
+        # Only GET is signed up front: HEADs are rare (CDNs turn them into GETs), and each
+        # presign costs ~80 µs of a miss. `head_url` signs one when a HEAD comes.
         return Entry(
             key=key,
-            url=presign("GET"),
-            head_url=presign("HEAD"),
+            url=self._presign(key, "GET", self._expires),
+            head_url="",
             expires_at=min(now + self._expires, self._credential_expires_at),
             signed_at=now,
         )
+
+    def head_url(self, entry: Entry, now: float) -> str:
+        """A HEAD-signed URL for the entry's key, valid as long as the entry."""
+        return self._presign(entry.key, "HEAD", max(1, int(entry.expires_at - now)))
+
+    def _presign(self, key: str, method: str, expires: int) -> str:
+        url: str = self._client.get_presigned_url(
+            Bucket=self._bucket,
+            Key=key,
+            Method=method,
+            Expired=expires,
+            Params=dict(self._params),
+        )
+        return url

@@ -27,6 +27,9 @@ class LocalSigner:
     def sign(self, key: str, now: float) -> Entry:
         return Entry(key=key, url="", head_url="", expires_at=now + self._expires, signed_at=now)
 
+    def head_url(self, entry: Entry, now: float) -> str:
+        return ""
+
 
 class FileResponse:
     def __init__(
