@@ -100,6 +100,9 @@ class CountingSigner:
             entry = dataclasses.replace(entry, expires_at=now + self._expires)
         return entry
 
+    def head_url(self, entry: Entry, now: float) -> str:
+        return entry.url.replace("?sig=", "?h=")
+
 
 def make_config(prefix: str = "p:", url: str = REDIS_URL, **changes: Any) -> Config:
     # A generous timeout by default: the shared server may be busy with other tests, and a

@@ -104,6 +104,9 @@ class CountingSigner:
         self.last[image_id] = entry
         return entry
 
+    def head_url(self, entry: Entry, now: float) -> str:
+        return entry.url.replace("?sig=", "?head=")
+
     @property
     def total(self) -> int:
         return sum(self.signed.values())
