@@ -26,6 +26,7 @@ from .cache import UrlCache
 from .config import Config
 from .handler import ImageHandler, Receive, Scope, Send
 from .objects import ObjectCache
+from .observe import Observer
 from .ops import ops_app
 from .resolvers import Backed, make_resolver
 from .storage import Origin, make_signer
@@ -55,7 +56,9 @@ class ProxyApp:
             lifespan=self._lifespan,
             exception_handlers={HTTPException: _http_error},
         )
-        self.ops = ops_app(self.readiness, config.metrics_dir)
+        self.ops = ops_app(
+            self.readiness, config.metrics_dir, before_scrape=self.handler.observer.flush
+        )
         self._internal_port = config.internal_port
         self._serving = False
 
@@ -92,11 +95,11 @@ class ProxyApp:
         if isinstance(self.resolver, Backed):
             await self.resolver.start()  # first: a wrong query fails start-up, with nothing open
         await self.origin.start()
-        tasks: list[asyncio.Task[None]] = []
+        tasks = [asyncio.ensure_future(_flush_metrics(self.handler.observer))]
         if self.store is not None:
             if not await self.store.ping():
                 log.warning("redis is not reachable at start-up; serving without it until it is")
-            tasks = [
+            tasks += [
                 asyncio.ensure_future(sync.flush_access(self.config, self.cache, self.store)),
                 asyncio.ensure_future(sync.listen_purges(self.config, self.cache, self.objects)),
             ]
@@ -106,6 +109,7 @@ class ProxyApp:
             yield
         finally:
             self._serving = False
+            self.handler.observer.flush()
             metrics.mark_dead(self.config.metrics_dir, os.getpid())
             # On Python 3.11 a cancel that lands with a Redis reply can be swallowed inside
             # redis-py (CPython gh-86296): cancel again until the tasks are really gone.
@@ -120,6 +124,12 @@ class ProxyApp:
             await self.resolver.aclose()
             if self.store is not None:
                 await self.store.aclose()
+
+
+async def _flush_metrics(observer: Observer) -> None:
+    while True:
+        await asyncio.sleep(1.0)
+        observer.flush()
 
 
 async def _http_error(_request: Request, exc: Exception) -> Response:

@@ -86,7 +86,7 @@ class ImageHandler:
         self._max_size = config.max_object_size
         self._max_in_flight = config.max_in_flight
         self.in_flight = 0  # requests between asking the origin and the end of their response
-        self._observer = Observer(config.access_log)
+        self.observer = Observer(config.access_log)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         probe = Probe(send)
@@ -131,7 +131,7 @@ class ImageHandler:
             metrics.ERRORS.labels("internal").inc()
             await self._internal_error(send, exc, image_id)
         finally:
-            self._observer.observe(probe, method, mode, tier, image_id)
+            self.observer.observe(probe, method, mode, tier, image_id)
 
     def _check_signature(
         self, image_id: str, query: bytes, now: float

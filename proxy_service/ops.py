@@ -23,9 +23,14 @@ Lifespan = Callable[[Starlette], AbstractAsyncContextManager[None]]
 
 
 def ops_app(
-    readiness: Readiness, multiprocess_dir: str, lifespan: Lifespan | None = None
+    readiness: Readiness,
+    multiprocess_dir: str,
+    lifespan: Lifespan | None = None,
+    before_scrape: Callable[[], None] | None = None,
 ) -> Starlette:
     async def scrape(_request: Request) -> Response:
+        if before_scrape is not None:
+            before_scrape()
         body, content_type = metrics.scrape(multiprocess_dir)
         return Response(body, headers={"content-type": content_type, "cache-control": "no-store"})
 

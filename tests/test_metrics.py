@@ -41,7 +41,12 @@ def test_two_workers_counters_add_up(cos: CosTestServer, tmp_path: Path) -> None
             time.sleep(0.1)
         for _ in range(40):  # a new connection each: both workers take some
             assert request(proxy.base_url + "/images/cat.png").body == b"cat"
-        samples = scrape(proxy.internal_url)
+        # Each worker hands its counts to prometheus-client every second (and before a scrape
+        # it serves itself): within a second or two, the scrape adds both workers up.
+        deadline = time.monotonic() + 5
+        while value(samples := scrape(proxy.internal_url), "proxy_requests_total") < 40:
+            assert time.monotonic() < deadline, "the workers' counts never added up"
+            time.sleep(0.2)
         assert value(samples, "proxy_requests_total", status_class="2xx") == 40
         # Each worker signs its first miss; the rest are LRU hits.
         misses = value(samples, "proxy_url_cache_lookups_total", result="miss")
@@ -60,6 +65,8 @@ def test_two_workers_counters_add_up(cos: CosTestServer, tmp_path: Path) -> None
             assert time.monotonic() < deadline, "worker not replaced"
             time.sleep(0.1)
         assert request(proxy.base_url + "/images/cat.png").status == 200
-        samples = scrape(proxy.internal_url)
-        assert value(samples, "proxy_requests_total", status_class="2xx") >= 41
+        deadline = time.monotonic() + 5
+        while value(samples := scrape(proxy.internal_url), "proxy_requests_total") < 41:
+            assert time.monotonic() < deadline, "counts were lost with the killed worker"
+            time.sleep(0.2)
         assert not list(metrics_dir.glob(f"gauge_live*_{victim}.db"))
