@@ -14,17 +14,13 @@ import time
 import traceback
 from typing import Any
 
-from . import metrics, signing
+from . import metrics
 from .cache import UrlCache
 from .config import Config
 from .errors import (
     BadId,
-    BadRequest,
-    BadSignature,
-    ExpiredSignature,
     HeadersTooLarge,
     MethodNotAllowed,
-    ModeUnavailable,
     NotFound,
     ObjectTooLarge,
     Overloaded,
@@ -38,6 +34,7 @@ from .headers import Headers, forward_headers
 from .ids import parse_id
 from .objects import CachedObject, ObjectCache
 from .observe import Observer, Probe
+from .params import Params
 from .storage import Entry, Origin, OriginResponse
 
 log = logging.getLogger("proxy_service.handler")
@@ -53,7 +50,6 @@ MAX_HEADER_BYTES = 16 * 1024
 _TEXT = (b"content-type", b"text/plain; charset=utf-8")
 _NO_STORE = (b"cache-control", b"no-store")
 _DROP_ON_EMPTY = (b"content-length", b"content-type", b"content-encoding")
-_MAX_AGE = re.compile(rb"\b(max-age|s-maxage)=(\d+)")
 _TOTAL = re.compile(rb"/(\d+)$")  # the object size in a Content-Range
 
 Scope = dict[str, Any]
@@ -75,14 +71,10 @@ class ImageHandler:
         self.origin = origin
         self.objects = objects
         self._max_len = config.id_max_length
-        self._redirect_default = config.mode == "redirect"
-        self._override = config.allow_mode_override
-        self._can_redirect = can_redirect
-        self._success_cc = (b"cache-control", config.cache_control.encode())
+        self.params = Params(config, can_redirect=can_redirect)
         self._not_found_cc = (b"cache-control", b"public, max-age=%d" % config.not_found_max_age)
         self._redirect_max_age = config.redirect_max_age
         self._margin = config.expiry_margin
-        self._keys = signing.parse_keys(config.signing_keys)
         self._max_size = config.max_object_size
         self._max_in_flight = config.max_in_flight
         self.in_flight = 0  # requests between asking the origin and the end of their response
@@ -111,11 +103,8 @@ class ImageHandler:
                 raise BadId("encoded /images/ prefix")
             image_id = parse_id(raw_path[PREFIX_LEN:], self._max_len)
             now = time.time()
-            until: float | None = None  # a signed URL's expiry, which caches must not outlive
-            if self._keys:
-                redirect, until = self._check_signature(image_id, scope["query_string"], now)
-            else:
-                redirect = self._wants_redirect(scope["query_string"])
+            # `until`: a signed URL's expiry, which no cache may outlive.
+            redirect, until = self.params.read(image_id, scope["query_string"], now)
             if redirect:
                 mode = "redirect"
             entry, tier = await self.cache.get(image_id, now)
@@ -132,44 +121,6 @@ class ImageHandler:
             await self._internal_error(send, exc, image_id)
         finally:
             self.observer.observe(probe, method, mode, tier, image_id)
-
-    def _check_signature(
-        self, image_id: str, query: bytes, now: float
-    ) -> tuple[bool, float | None]:
-        """Whether to redirect, and the URL's expiry; raises unless the signature is good."""
-        try:
-            params = signing.parse_query(query.decode("latin-1"))
-        except ValueError as exc:
-            raise BadRequest(str(exc)) from None
-        result = signing.verify(image_id, params, self._keys, now)
-        if result == signing.EXPIRED:
-            raise ExpiredSignature()
-        if result != signing.OK:
-            raise BadSignature()
-        exp = params.get("exp")
-        mode = params.get("mode") if self._override else None
-        redirect = self._pick_mode(b"" if mode is None else mode.encode("latin-1"))
-        return redirect, float(exp) if exp else None
-
-    def _wants_redirect(self, query: bytes) -> bool:
-        if not (self._override and query):
-            return self._redirect_default
-        mode = b""
-        for pair in query.split(b"&"):
-            if pair.startswith(b"mode="):
-                mode = pair[5:]
-        return self._pick_mode(mode)
-
-    def _pick_mode(self, mode: bytes) -> bool:
-        if mode == b"redirect":
-            if not self._can_redirect:
-                raise ModeUnavailable()
-            return True
-        if mode == b"stream":
-            return False
-        if mode:
-            raise BadRequest("unknown mode")
-        return self._redirect_default
 
     async def _redirect(
         self, send: Send, entry: Entry, method: str, now: float, until: float | None
@@ -257,9 +208,7 @@ class ImageHandler:
                     body = b"range not satisfiable\n"
                     headers += [_TEXT, (b"content-length", b"%d" % len(body)), _NO_STORE]
                 else:
-                    headers.append(
-                        self._success_cc if until is None else self._capped_cc(until - now)
-                    )
+                    headers.append(self.params.cache_control(until, now))
                 await _respond(send, status, headers, body if method == "GET" else b"")
                 return
             _OBJECT_MISS.inc()
@@ -281,7 +230,7 @@ class ImageHandler:
                 if size is not None and size > limit:
                     raise ObjectTooLarge(f"object of {size} bytes")
                 counting = size is None
-            headers.append(self._success_cc if until is None else self._capped_cc(until - now))
+            headers.append(self.params.cache_control(until, now))
             if status == 304:
                 headers = [h for h in headers if h[0] not in _DROP_ON_EMPTY]
             if status == 304 or method == "HEAD":
@@ -345,16 +294,6 @@ class ImageHandler:
         self.objects.drop(image_id)  # replaced: fetch it the normal way (and admit it again)
         _OBJECT_STALE.inc()
         return None
-
-    def _capped_cc(self, seconds: float) -> tuple[bytes, bytes]:
-        """The success Cache-Control with every max-age cut to what a signed URL has left."""
-        left = max(0, int(seconds))
-        value, count = _MAX_AGE.subn(
-            lambda m: b"%s=%d" % (m[1], min(int(m[2]), left)), self._success_cc[1]
-        )
-        if not count:
-            value = value + b", max-age=%d" % left if value.strip() else b"max-age=%d" % left
-        return (b"cache-control", value)
 
     async def _error(self, send: Send, exc: ProxyError, image_id: str) -> None:
         if exc.status >= 500:
