@@ -7,8 +7,6 @@ import hashlib
 import os
 import platform
 import shutil
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,10 +28,8 @@ from .contenders import (
 )
 from .objects import MIB, Obj, make_objects
 from .plan import (
-    HUGE_RSS_GROWTH_LIMIT_MIB,
     KINDS,
     SCENARIOS,
-    SLOW_RSS_LIMIT_MIB,
     Options,
     Scenario,
     contender_kinds,
@@ -51,20 +47,8 @@ from .procs import (
     stop_all,
     tree_pids,
 )
+from .summary import Cell, aggregate, source_state
 from .verify import check_object, check_redirect
-
-Cell = dict[str, Any]
-MEDIAN_KEYS = (
-    "req_s",
-    "mib_s",
-    "p50_ms",
-    "p99_ms",
-    "cpu_us_per_req",
-    "origin_cpu_us_per_req",
-    "rss_mib",
-    "rss_growth_mib",
-    "noise_pct",
-)
 
 
 class SetupError(RuntimeError):
@@ -113,7 +97,7 @@ class Runner:
         The checkout may change while a run goes on (others edit it; fresh processes would pick
         the edits up), and one run must measure one version of the code.
         """
-        self.proxy_state = _source_state(self.opts.proxy_src or REPO)
+        self.proxy_state = source_state(self.opts.proxy_src or REPO)
         src = (self.opts.proxy_src or REPO) / "proxy_service"
         if not (src / "__main__.py").is_file():
             raise SetupError(f"no proxy_service package in {src.parent}")
@@ -363,7 +347,7 @@ class Runner:
             return {
                 "meta": self._meta(started),
                 "verification": verification,
-                "results": self._aggregate(runs),
+                "results": aggregate(self.scenarios, self.cells, runs),
             }
         finally:
             stop_all(Child.registry)
@@ -372,46 +356,6 @@ class Runner:
                 self.log(f"kept {self.tmp}")
             else:
                 shutil.rmtree(self.tmp, ignore_errors=True)
-
-    def _aggregate(self, runs: dict[tuple[str, str], list[Cell]]) -> dict[str, dict[str, Any]]:
-        out: dict[str, dict[str, Any]] = {}
-        for scenario in self.scenarios:
-            row: dict[str, Any] = {}
-            for c in self.cells(scenario):
-                cells = runs[(scenario.name, c.name)]
-                median = {k: statistics.median(cell[k] for cell in cells) for k in MEDIAN_KEYS}
-                median["requests"] = sum(cell["requests"] for cell in cells)
-                median["errors"] = sum(cell["errors"] for cell in cells)
-                row[c.name] = {
-                    "kind": c.kind,
-                    "workers": c.workers if c.kind.startswith("proxy") else None,
-                    "tool": cells[0]["tool"],
-                    **median,
-                    "runs": cells,
-                }
-            for name, entry in row.items():
-                for ref in ("nginx", "direct"):
-                    base = row.get(ref, {}).get("req_s")
-                    entry[f"ratio_to_{ref}"] = entry["req_s"] / base if base else None
-                nginx_cpu = row.get("nginx", {}).get("cpu_us_per_req")
-                entry["cpu_ratio_to_nginx"] = (
-                    entry["cpu_us_per_req"] / nginx_cpu if nginx_cpu else None
-                )
-                entry["targets"] = self._targets(scenario, name, entry)
-            out[scenario.name] = row
-        return out
-
-    @staticmethod
-    def _targets(scenario: Scenario, name: str, entry: dict[str, Any]) -> dict[str, Any]:
-        if not name.startswith("proxy"):
-            return {}
-        if scenario.name == "huge":
-            limit = HUGE_RSS_GROWTH_LIMIT_MIB
-            return {"rss_growth_mib_below": limit, "ok": entry["rss_growth_mib"] < limit}
-        if scenario.name == "slow":
-            limit = SLOW_RSS_LIMIT_MIB
-            return {"rss_mib_below": limit, "ok": entry["rss_mib"] < limit and not entry["errors"]}
-        return {}
 
     def _meta(self, started: datetime) -> dict[str, Any]:
         opts = self.opts
@@ -444,28 +388,6 @@ class Runner:
             "scenarios": {s.name: s.doc for s in self.scenarios},
             "options": options,
         }
-
-
-def _source_state(src: Path) -> dict[str, Any]:
-    """Which proxy code was measured: the commit, and whether proxy_service/ had local edits
-    (then only the snapshot's sha256 in the results names the code exactly)."""
-    state: dict[str, Any] = {"src": str(src)}
-    try:
-        head = subprocess.run(
-            ["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
-        )
-        dirty = subprocess.run(
-            ["git", "-C", str(src), "status", "--porcelain", "--", "proxy_service"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except OSError:
-        return state
-    if head.returncode == 0:
-        state["commit"] = head.stdout.strip()
-        state["dirty"] = bool(dirty.stdout.strip())
-    return state
 
 
 def _print(line: str) -> None:
