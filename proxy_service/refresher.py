@@ -174,6 +174,9 @@ class Refresher:
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
+            with contextlib.suppress(asyncio.CancelledError):
+                await work  # settled now; retrieving it keeps asyncio from logging it as lost
+            # Ids cut off between signing and storing go back too: signed again later, never lost.
             await self.index.release(sorted(pending), time.time())
             raise asyncio.CancelledError
 

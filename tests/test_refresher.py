@@ -444,7 +444,9 @@ def test_stop_mid_batch_drains_then_hands_back_the_rest(redis_prefix: str) -> No
             due = scores(config)
             fresh = fresh_after(config, started)
             refreshed = {i for i, s in due.items() if s > fresh}
-            assert refreshed == set(worker.signer.signed)
+            # An id the drain timeout cut off between signing and storing is handed back with
+            # the rest (signed again later): every signed id is stored or due now.
+            assert refreshed <= set(worker.signer.signed)
             assert all(due[i] <= now for i in ids if i not in refreshed)
             again = await worker.index.claim(now, 60, 100)
             assert sorted(again) == sorted(set(ids) - refreshed)
