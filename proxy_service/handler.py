@@ -30,7 +30,7 @@ from .errors import (
     UpstreamForbidden,
     UpstreamNotFound,
 )
-from .headers import Headers, forward_headers
+from .headers import Headers, request_headers
 from .ids import parse_id
 from .objects import CachedObject, ObjectCache
 from .observe import Observer, Probe
@@ -191,11 +191,7 @@ class ImageHandler:
         until: float | None,
     ) -> None:
         method = scope["method"]
-        fwd = forward_headers(scope["headers"])
-        if method == "HEAD" and "range" in fwd:
-            # RFC 9110 §14.2: Range is defined for GET only; HEAD answers as a plain GET would.
-            fwd.pop("range")
-            fwd.pop("if-range", None)
+        fwd = request_headers(scope["headers"], method)
         objects = self.objects
         if objects is not None:
             obj = objects.get(image_id)

@@ -6,6 +6,7 @@ Header names are lower-case bytes, as in ASGI scopes.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from email.utils import formatdate, parsedate_to_datetime
 from typing import Literal
@@ -32,13 +33,56 @@ MAX_HEADER_VALUE = 1024
 Headers = list[tuple[bytes, bytes]]
 
 
+_RANGE = re.compile(r"bytes=(?:[0-9]{1,19}-[0-9]{0,19}|-[0-9]{1,19})")  # one range; no multipart
+_ETAG = r'(?:W/)?"[\x21\x23-\x7e]{0,256}"'
+_ONE_ETAG = re.compile(_ETAG)
+_ETAGS = re.compile(rf"\*|{_ETAG}(?:[ \t]*,[ \t]*{_ETAG}){{0,31}}")
+_DATE = re.compile(r"[\x20-\x7e]{1,64}")
+
+
+def request_headers(raw: Headers, method: str) -> dict[str, str]:
+    """What a request hands to any origin (COS, the local directory, the memory cache): the
+    forwarded headers that are well-formed, and no Range on a HEAD (RFC 9110 §14.2: range
+    handling is defined for GET only; a HEAD answers as a plain GET would)."""
+    headers = safe_request_headers(forward_headers(raw))
+    if method == "HEAD":
+        headers.pop("range", None)
+        headers.pop("if-range", None)
+    return headers
+
+
 def forward_headers(raw: Headers) -> dict[str, str]:
-    """The request headers to pass upstream (absurdly long values are dropped, not sent)."""
+    """The request headers that select bytes (absurdly long values are dropped, not sent)."""
     out: dict[str, str] = {}
     for name, value in raw:
         if name in FORWARD_REQUEST and len(value) <= MAX_HEADER_VALUE:
             out[name.decode("latin-1")] = value.decode("latin-1")
     return out
+
+
+def safe_request_headers(headers: dict[str, str]) -> dict[str, str]:
+    """The client's Range and conditional headers that are well-formed; the rest are dropped
+    (the request is then answered as if they were absent, which HTTP allows for all of them)."""
+    if not headers:
+        return headers
+    out: dict[str, str] = {}
+    rng = headers.get("range", "").strip()
+    if _RANGE.fullmatch(rng):
+        out["range"] = rng
+        if_range = headers.get("if-range", "").strip()
+        if _ONE_ETAG.fullmatch(if_range) or _is_date(if_range):
+            out["if-range"] = if_range
+    inm = headers.get("if-none-match", "").strip()
+    if _ETAGS.fullmatch(inm):
+        out["if-none-match"] = inm
+    ims = headers.get("if-modified-since", "").strip()
+    if _is_date(ims):
+        out["if-modified-since"] = ims
+    return out
+
+
+def _is_date(value: str) -> bool:
+    return _DATE.fullmatch(value) is not None and parse_http_date(value) is not None
 
 
 def http_date(timestamp: float) -> str:

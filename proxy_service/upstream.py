@@ -25,7 +25,7 @@ from .errors import (
     UpstreamNotFound,
     UpstreamTimeout,
 )
-from .headers import RELAY_RESPONSE, parse_http_date
+from .headers import RELAY_RESPONSE
 from .storage import Entry
 
 log = logging.getLogger("proxy_service.upstream")
@@ -35,11 +35,6 @@ _ERR_5XX = metrics.UPSTREAM_ERRORS.labels("5xx")
 
 RELAYED_STATUS = frozenset((200, 206, 304, 416))
 _COS_CODE = re.compile(rb"<Code>([A-Za-z]{1,64})</Code>")
-_RANGE = re.compile(r"bytes=(?:[0-9]{1,19}-[0-9]{0,19}|-[0-9]{1,19})")  # one range; no multipart
-_ETAG = r'(?:W/)?"[\x21\x23-\x7e]{0,256}"'
-_ONE_ETAG = re.compile(_ETAG)
-_ETAGS = re.compile(rf"\*|{_ETAG}(?:[ \t]*,[ \t]*{_ETAG}){{0,31}}")
-_DATE = re.compile(r"[\x20-\x7e]{1,64}")
 
 
 class HttpResponse:
@@ -117,7 +112,6 @@ class HttpOrigin:
     async def open(self, entry: Entry, method: str, headers: dict[str, str]) -> HttpResponse:
         assert self._session is not None, "HttpOrigin.start() was not awaited"
         url = URL(entry.url_for(method), encoded=True)  # presigned: must not be re-quoted
-        headers = safe_request_headers(headers)
         attempt = 0
         while True:
             pool_full = self._open + self._waiting >= self._pool_size
@@ -162,31 +156,6 @@ class HttpOrigin:
             metrics.RETRIES.inc()
             log.info("retrying upstream (%s), attempt %d", error.detail, attempt + 1)
             await asyncio.sleep(0.05 * attempt)
-
-
-def safe_request_headers(headers: dict[str, str]) -> dict[str, str]:
-    """The client's Range and conditional headers that are well-formed; the rest are dropped
-    (the request is then answered as if they were absent, which HTTP allows for all of them)."""
-    if not headers:
-        return headers
-    out: dict[str, str] = {}
-    rng = headers.get("range", "").strip()
-    if _RANGE.fullmatch(rng):
-        out["range"] = rng
-        if_range = headers.get("if-range", "").strip()
-        if _ONE_ETAG.fullmatch(if_range) or _is_date(if_range):
-            out["if-range"] = if_range
-    inm = headers.get("if-none-match", "").strip()
-    if _ETAGS.fullmatch(inm):
-        out["if-none-match"] = inm
-    ims = headers.get("if-modified-since", "").strip()
-    if _is_date(ims):
-        out["if-modified-since"] = ims
-    return out
-
-
-def _is_date(value: str) -> bool:
-    return _DATE.fullmatch(value) is not None and parse_http_date(value) is not None
 
 
 async def _cos_code(resp: aiohttp.ClientResponse) -> str:
