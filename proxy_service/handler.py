@@ -112,7 +112,14 @@ class ImageHandler:
             if redirect:
                 await self._redirect(send, entry, method, now, until)
             else:
-                await self._stream(scope, receive, send, image_id, entry, now, until)
+                # Refuse at once rather than queue: a backlog only grows while the origin is slow.
+                if self._max_in_flight and self.in_flight >= self._max_in_flight:
+                    raise Overloaded()
+                self.in_flight += 1
+                try:
+                    await self._stream(scope, receive, send, image_id, entry, now, until)
+                finally:
+                    self.in_flight -= 1
         except ProxyError as exc:
             metrics.ERRORS.labels(exc.label).inc()
             await self._error(send, exc, image_id)
@@ -162,25 +169,6 @@ class ImageHandler:
             raise
 
     async def _stream(
-        self,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        image_id: str,
-        entry: Entry,
-        now: float,
-        until: float | None,
-    ) -> None:
-        # Refuse at once rather than queue: a backlog only grows while the origin is slow.
-        if self._max_in_flight and self.in_flight >= self._max_in_flight:
-            raise Overloaded()
-        self.in_flight += 1
-        try:
-            await self._relay(scope, receive, send, image_id, entry, now, until)
-        finally:
-            self.in_flight -= 1
-
-    async def _relay(
         self,
         scope: Scope,
         receive: Receive,
