@@ -43,32 +43,31 @@ class CycleStats:
 
 
 @dataclass
-class Totals:
-    """Running totals since start, for the metrics endpoint."""
+class Totals(CycleStats):
+    """Since start: the cycle counts summed (lag is the last cycle's), plus what only a running
+    worker knows. Each cycle also goes to the Prometheus metrics as it is added."""
 
     cycles: int = 0
-    claimed: int = 0
-    refreshed: int = 0
-    failed: int = 0
-    retired: int = 0
-    lag: float = 0.0
     index_size: int = 0
     last_cycle_at: float = 0.0
     errors: dict[str, int] = field(default_factory=dict)
 
     def add(self, stats: CycleStats) -> None:
-        metrics.CYCLES.inc()
-        metrics.CLAIMED.inc(stats.claimed)
-        metrics.REFRESHED.inc(stats.refreshed)
-        metrics.FAILED.inc(stats.failed)
-        metrics.RETIRED.inc(stats.retired)
-        metrics.LAG.set(stats.lag)
         self.cycles += 1
-        self.claimed += stats.claimed
-        self.refreshed += stats.refreshed
-        self.failed += stats.failed
-        self.retired += stats.retired
+        metrics.CYCLES.inc()
+        for name, counter in _COUNTERS.items():
+            setattr(self, name, getattr(self, name) + getattr(stats, name))
+            counter.inc(getattr(stats, name))
         self.lag = stats.lag
+        metrics.LAG.set(stats.lag)
+
+
+_COUNTERS = {
+    "claimed": metrics.CLAIMED,
+    "refreshed": metrics.REFRESHED,
+    "failed": metrics.FAILED,
+    "retired": metrics.RETIRED,
+}
 
 
 async def poll(interval: float, stop: asyncio.Event) -> AsyncIterator[None]:
