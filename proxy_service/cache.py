@@ -23,11 +23,12 @@ from .store import MISSING, RedisStore
 
 Tier = Literal["local", "redis", "miss"]
 
-# Counted once per lookup that reached the tier (waiters on a shared miss are not recounted).
-_LOCAL_HIT = metrics.URL_CACHE.labels("local_hit")
-_REDIS_HIT = metrics.URL_CACHE.labels("redis_hit")
-_MISS = metrics.URL_CACHE.labels("miss")
-_NEGATIVE_HIT = metrics.URL_CACHE.labels("negative_hit")
+# Counted once per lookup that reached the tier (waiters on a shared miss are not recounted),
+# in plain ints handed to prometheus-client every second (see metrics.Tally).
+_LOCAL_HIT = metrics.Tally(metrics.URL_CACHE.labels("local_hit"))
+_REDIS_HIT = metrics.Tally(metrics.URL_CACHE.labels("redis_hit"))
+_MISS = metrics.Tally(metrics.URL_CACHE.labels("miss"))
+_NEGATIVE_HIT = metrics.Tally(metrics.URL_CACHE.labels("negative_hit"))
 
 
 class UrlCache:

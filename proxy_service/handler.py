@@ -38,10 +38,10 @@ from .params import Params
 from .storage import Entry, Origin, OriginResponse
 
 log = logging.getLogger("proxy_service.handler")
-_OBJECT_HIT = metrics.OBJECT_CACHE.labels("hit")
-_OBJECT_MISS = metrics.OBJECT_CACHE.labels("miss")
-_OBJECT_REVALIDATED = metrics.OBJECT_CACHE.labels("revalidated")
-_OBJECT_STALE = metrics.OBJECT_CACHE.labels("stale")
+_OBJECT_HIT = metrics.Tally(metrics.OBJECT_CACHE.labels("hit"))
+_OBJECT_MISS = metrics.Tally(metrics.OBJECT_CACHE.labels("miss"))
+_OBJECT_REVALIDATED = metrics.Tally(metrics.OBJECT_CACHE.labels("revalidated"))
+_OBJECT_STALE = metrics.Tally(metrics.OBJECT_CACHE.labels("stale"))
 
 PREFIX = b"/images/"
 PREFIX_LEN = len(PREFIX)

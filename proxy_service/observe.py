@@ -113,3 +113,4 @@ class Observer:
         if self._bytes:
             metrics.BYTES.inc(self._bytes)
             self._bytes = 0
+        metrics.flush_tallies()
