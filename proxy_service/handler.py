@@ -78,7 +78,9 @@ class ImageHandler:
         self._max_size = config.max_object_size
         self._max_in_flight = config.max_in_flight
         self.in_flight = 0  # requests between asking the origin and the end of their response
-        self.observer = Observer(config.access_log)
+        self.observer = Observer(
+            config.access_log, gauges=[(metrics.POOL_IN_USE, lambda: origin.in_flight)]
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         probe = Probe(send)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from bisect import bisect_left
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import metrics
@@ -66,8 +67,11 @@ class Observer:
     hands them to prometheus-client, whose every call takes a lock and walks the buckets
     (measured: half of the per-request cost of a cached answer)."""
 
-    def __init__(self, access: bool) -> None:
+    def __init__(
+        self, access: bool, gauges: Sequence[tuple[Any, Callable[[], float]]] = ()
+    ) -> None:
         self._access = access
+        self._gauges = gauges  # (gauge, read): set on flush rather than moved on every request
         self._requests: dict[tuple[str, str, int], int] = {}
         self._durations = {
             mode: (_Histogram(metrics.DURATION.labels(mode)), _Histogram(metrics.TTFB.labels(mode)))
@@ -113,4 +117,6 @@ class Observer:
         if self._bytes:
             metrics.BYTES.inc(self._bytes)
             self._bytes = 0
+        for gauge, read in self._gauges:
+            gauge.set(read())
         metrics.flush_tallies()

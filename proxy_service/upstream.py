@@ -32,6 +32,7 @@ log = logging.getLogger("proxy_service.upstream")
 _ERR_CONNECT = metrics.UPSTREAM_ERRORS.labels("connect")
 _ERR_TIMEOUT = metrics.UPSTREAM_ERRORS.labels("timeout")
 _ERR_5XX = metrics.UPSTREAM_ERRORS.labels("5xx")
+_RESPONSES = {c: metrics.Tally(metrics.UPSTREAM.labels(f"{c}xx")) for c in range(1, 6)}
 
 RELAYED_STATUS = frozenset((200, 206, 304, 416))
 _COS_CODE = re.compile(rb"<Code>([A-Za-z]{1,64})</Code>")
@@ -69,7 +70,6 @@ class HttpResponse:
         if resp is None:
             return
         self._origin._open -= 1
-        metrics.POOL_IN_USE.dec()
         if self._content.at_eof():
             resp.release()  # body complete: the connection goes back to the pool
         else:
@@ -140,10 +140,13 @@ class HttpOrigin:
                 error = UpstreamError(f"upstream request failed: {type(exc).__name__}")
             else:
                 status = resp.status
-                metrics.UPSTREAM.labels(metrics.status_class(status)).inc()
+                tally = _RESPONSES.get(status // 100)
+                if tally is not None:
+                    tally.inc()
+                else:  # a 6xx-9xx from a broken origin: rare, counted the slow way
+                    metrics.UPSTREAM.labels(metrics.status_class(status)).inc()
                 if status in RELAYED_STATUS:
                     self._open += 1
-                    metrics.POOL_IN_USE.inc()
                     return HttpResponse(self, resp)
                 if status == 403:
                     raise UpstreamForbidden(f"upstream 403 {await _cos_code(resp)}")

@@ -107,3 +107,20 @@ def test_metrics_follow_a_short_load(cos: CosTestServer, cos_config: ConfigFacto
     assert not any("cat.png" in v or "images/" in v for (_, labels) in after for _, v in labels), (
         "an id or key leaked into a label"
     )
+
+
+def test_gauges_show_a_stream_while_it_is_open(
+    cos: CosTestServer, cos_config: ConfigFactory
+) -> None:
+    cos.put_pattern("images/big.bin", 32 * 1024 * 1024)
+    with running(cos_config()) as proxy:
+        # A client that stops reading: the stream stays open, held by backpressure.
+        with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+            sock.sendall(b"GET /images/big.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.recv(65536)
+            during = scrape(proxy.internal_url)
+        cos.wait_until(lambda: proxy.app.origin.in_flight == 0)
+        after = scrape(proxy.internal_url)
+    assert value(during, "proxy_upstream_pool_in_use") == 1
+    assert value(during, "proxy_streams_in_flight") == 1
+    assert value(after, "proxy_upstream_pool_in_use") == 0
