@@ -1,4 +1,5 @@
 """`python -m benchmarks run [options]`: measure, print the table, write JSON and the chart.
+`python -m benchmarks clients [options]`: the upstream HTTP client's own cost (see clients.py).
 
 Exit status: 0 when every response was right and no request failed, 1 when some requests
 failed (the table says where), 2 on a set-up or verification failure.
@@ -15,7 +16,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from . import report
+from . import clients, report
 from .load import LoadError
 from .objects import MIB
 from .plan import DEFAULT_SCENARIOS, KINDS, SCENARIOS, Options
@@ -94,7 +95,31 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PROXY_NAME=value",
         help="extra proxy setting, e.g. PROXY_REDIS_URL=redis://127.0.0.1:6379/0 (repeatable)",
     )
+    c = sub.add_parser("clients", help="CPU per request of the upstream HTTP client alone")
+    c.add_argument("--smoke", action="store_true", help="a tiny run of a few seconds (tests)")
+    c.add_argument("--rounds", type=int, default=5, help="interleaved rounds; median kept (5)")
+    c.add_argument("--origin", choices=("auto", "builtin"), default="auto", help="origin server")
+    c.add_argument(
+        "--clients",
+        type=_csv,
+        default=("proxy-upstream", "aiohttp", "httpx", "floor"),
+        help="of proxy-upstream, aiohttp, httpx (when installed), floor (default all)",
+    )
+    c.add_argument("--results-dir", type=Path, default=clients.DEFAULT_RESULTS)
     return parser
+
+
+def clients_main(args: argparse.Namespace) -> int:
+    try:
+        data = clients.run(
+            args.smoke, args.rounds, args.results_dir, args.origin, list(args.clients)
+        )
+    except (ChildError, RuntimeError, OSError) as exc:
+        print(f"benchmarks: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    print(clients.table(data))
+    print(f"json: {args.results_dir / 'latest.json'}")
+    return 0
 
 
 def options_from_args(args: argparse.Namespace) -> Options:
@@ -117,9 +142,11 @@ def _terminate(signum: int, _frame: FrameType | None) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    opts = options_from_args(args)
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGHUP, _terminate)
+    if args.command == "clients":
+        return clients_main(args)
+    opts = options_from_args(args)
     try:
         data = run(opts)
     except (SetupError, ChildError, VerificationError, LoadError) as exc:

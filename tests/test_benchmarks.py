@@ -203,3 +203,37 @@ def test_verification_rejects_wrong_answers(tmp_path: Path, wrong_server: str) -
         check_redirect(f"{wrong_server}/redirect", wrong_server, obj, signed=True)
     with pytest.raises(VerificationError, match="non-loopback"):
         check_object("http://example.com/small.bin", obj)
+
+
+@pytest.mark.parametrize("origin", ["auto", "builtin"])
+def test_client_comparison_smoke(tmp_path: Path, origin: str) -> None:
+    """`python -m benchmarks clients`: every client fetched every object whole (the run stops on a
+    wrong length) and got a cost; the floor client is the unit of the `x floor` column."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks",
+            "clients",
+            "--smoke",
+            "--origin",
+            origin,
+            "--results-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr
+    data = json.loads((tmp_path / "latest.json").read_text())
+    assert data["origin"] == ("builtin" if origin == "builtin" or not find_nginx() else "nginx")
+    assert list(data["results"]) == ["small.bin", "large.bin"]
+    for row in data["results"].values():
+        assert {"proxy-upstream", "aiohttp", "floor"} <= set(row)
+        for entry in row.values():
+            assert entry["cpu_us_per_req"] > 0
+            assert entry["req_s"] > 0
+        assert row["floor"]["cpu_x_floor"] == 1.0
+    assert "proxy-upstream" in done.stdout
