@@ -210,27 +210,38 @@ class ImageHandler:
                 await _respond(send, status, headers, body)
                 return
             limit = self._max_size
-            counting = False  # the length is not announced: count the bytes as they pass
-            if limit and status != 304:
-                size = _object_size(status, headers)
-                if size is not None and size > limit:
-                    raise ObjectTooLarge(f"object of {size} bytes")
-                counting = size is None
+            size = _object_size(status, headers) if status != 304 else None
+            if limit and size is not None and size > limit:
+                raise ObjectTooLarge(f"object of {size} bytes")
+            counting = bool(limit) and size is None and status != 304  # count bytes as they pass
             headers.append(self.params.cache_control(until, now))
             if status == 304:
                 headers = [h for h in headers if h[0] not in _DROP_ON_EMPTY]
             if status == 304 or method == "HEAD":
                 await _respond(send, status, headers, b"")
                 return
+            admit = (
+                objects is not None
+                and status == 200
+                and method == "GET"
+                and not fwd
+                and size is not None
+                and size <= objects.max_object
+            )
             try:
                 chunk = await resp.read()
+                if admit:  # a whole small body, however the socket split it: read it all
+                    parts = [chunk]
+                    while not resp.at_eof():
+                        parts.append(await resp.read())
+                    chunk = b"".join(parts) if len(parts) > 1 else chunk
             except StreamAborted as exc:
                 raise UpstreamError(str(exc)) from None
             sent = len(chunk)
             if counting and sent > limit:
                 raise ObjectTooLarge("unannounced length over the limit")
             if resp.at_eof():  # small objects: one send, no disconnect watcher
-                if objects is not None and status == 200 and method == "GET" and not fwd:
+                if admit and objects is not None:
                     objects.admit(image_id, headers, chunk, now)
                     metrics.OBJECT_CACHE_BYTES.set(objects.size_bytes)
                 await _respond(send, status, headers, chunk)

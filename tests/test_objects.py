@@ -73,6 +73,23 @@ def test_replaced_object_is_stale_at_most_the_ttl(
             time.sleep(0.05)
 
 
+def test_a_body_arriving_in_many_reads_is_kept_whole(
+    cos: CosTestServer, cos_config: ConfigFactory
+) -> None:
+    # Regression: admission looked at the first socket read only, so a body the network split
+    # (here 200 KiB in 16 KiB pieces) was never kept, however small the limit allowed.
+    body = pattern(3, 200 * 1024)
+    cos.put("images/photo.jpg", body)
+    cos.trickle_next(16 * 1024, 0.002)
+    with running(cos_config(object_cache_size=1 << 20, object_cache_ttl=60)) as proxy:
+        url = proxy.base_url + "/images/photo.jpg"
+        first = request(url)
+        assert first.body == body
+        assert first.header("content-length") == str(len(body))
+        assert request(url).body == body
+    assert _origin_gets(cos, "images/photo.jpg") == [200]
+
+
 def test_large_objects_are_not_kept(cos: CosTestServer, cos_config: ConfigFactory) -> None:
     big = pattern(0, 300_000)
     cos.put("images/big.bin", big)

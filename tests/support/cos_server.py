@@ -213,6 +213,7 @@ class CosTestServer:
         self._lock = threading.Lock()
         self._faults: deque[_Fault] = deque()
         self._aborts: deque[int] = deque()
+        self._trickles: deque[tuple[int, float]] = deque()
         self._md5_cache: dict[tuple[str, int, int], str] = {}
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -355,12 +356,19 @@ class CosTestServer:
         with self._lock:
             self._aborts.extend([nbytes] * count)
 
+    def trickle_next(self, piece: int, pause: float, count: int = 1) -> None:
+        """Write the next ``count`` object bodies ``piece`` bytes at a time, pausing ``pause``
+        seconds between writes: the client receives them in many socket reads."""
+        with self._lock:
+            self._trickles.extend([(piece, pause)] * count)
+
     def reset(self) -> None:
         """Forget recorded requests, counters and pending faults."""
         with self._lock:
             self.requests.clear()
             self._faults.clear()
             self._aborts.clear()
+            self._trickles.clear()
             self.completed_streams = self.aborted_streams = 0
 
     @staticmethod
@@ -563,6 +571,7 @@ class CosTestServer:
             return response
         with self._lock:
             cut = self._aborts.popleft() if self._aborts else None
+            piece, pause = self._trickles.popleft() if self._trickles else (CHUNK_SIZE, 0.0)
         limit = length if cut is None else min(cut, length)
         sent = 0
         done = False
@@ -572,11 +581,13 @@ class CosTestServer:
             await response.write(b"")  # flushes the headers, even if no body follows
             f.seek(start)
             while sent < limit:
-                chunk = f.read(min(CHUNK_SIZE, limit - sent))
+                chunk = f.read(min(piece, limit - sent))
                 if not chunk:
                     break
                 await response.write(chunk)  # waits while the client lags behind
                 sent += len(chunk)
+                if pause:
+                    await asyncio.sleep(pause)
             if sent == length:
                 await response.write_eof()
                 done = True
