@@ -23,7 +23,7 @@ from starlette.responses import PlainTextResponse, Response
 
 from . import metrics, sync
 from .cache import UrlCache
-from .config import Config
+from .config import Config, ConfigError
 from .handler import ImageHandler, Receive, Scope, Send
 from .objects import ObjectCache
 from .observe import Observer
@@ -61,6 +61,7 @@ class ProxyApp:
         )
         self._internal_port = config.internal_port
         self._serving = False
+        self.config_error: ConfigError | None = None  # found at start-up (e.g. the SQL query)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -93,8 +94,13 @@ class ProxyApp:
     @contextlib.asynccontextmanager
     async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:
         if isinstance(self.resolver, Backed):
-            await self.resolver.start()  # first: a wrong query fails start-up, with nothing open
+            try:
+                await self.resolver.start()  # first: a wrong query fails start-up, nothing open
+            except ConfigError as exc:
+                self.config_error = exc
+                raise
         await self.origin.start()
+        metrics.REDIS_CONFIGURED.set(1 if self.store is not None else 0)
         tasks = [asyncio.ensure_future(_flush_metrics(self.handler.observer))]
         if self.store is not None:
             if not await self.store.ping():

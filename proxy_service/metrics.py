@@ -68,6 +68,11 @@ REDIS_ERRORS = Counter("proxy_redis_errors", "Redis calls that failed (served wi
 REDIS_UP = Gauge(
     "proxy_redis_up", "1 if Redis answered the last check, 0 if not", multiprocess_mode="livemin"
 )
+REDIS_CONFIGURED = Gauge(
+    "proxy_redis_configured",
+    "1 when this proxy uses Redis, and so relies on a refresher to renew its URLs",
+    multiprocess_mode="livemax",
+)
 
 # Refresher.
 CYCLES = Counter("refresher_cycles", "Refresher cycles completed")

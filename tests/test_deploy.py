@@ -946,7 +946,12 @@ PROMTOOL_CASES: list[Doc] = [
     },
     {
         # Proxies export refresher_cycles_total at 0; only a running refresher moves it.
+        # "noredis" runs proxies without Redis, so without a refresher: no alert there.
         "input_series": [
+            series("proxy_redis_configured", "1x30", namespace="bad", pod="proxy-1"),
+            series("proxy_redis_configured", "1x30", namespace="ok", pod="proxy-1"),
+            series("proxy_redis_configured", "0x30", namespace="noredis", pod="proxy-1"),
+            series("refresher_cycles_total", "0x30", namespace="noredis", pod="proxy-1"),
             series("refresher_cycles_total", "0x30", namespace="bad", pod="proxy-1"),
             series("refresher_cycles_total", "120x30", namespace="bad", pod="refresher-1"),
             series("refresher_cycles_total", "0x30", namespace="ok", pod="proxy-1"),

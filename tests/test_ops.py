@@ -27,6 +27,7 @@ def test_health_and_readiness(tmp_path: object) -> None:
         assert ready.status == 200
         assert ready.header("cache-control") == "no-store"
         assert json.loads(ready.body) == {"status": "ready", "redis": "off", "storage": "local"}
+        assert value(scrape(proxy.internal_url), "proxy_redis_configured") == 0  # no refresher
 
 
 def test_ops_endpoints_are_not_on_the_public_port() -> None:
@@ -44,6 +45,7 @@ def test_redis_outage_degrades_but_stays_ready(
     with running(cos_config(redis_url=private_redis.url)) as proxy:
         first = json.loads(request(proxy.internal_url + "/readyz").body)
         assert first["redis"] == "up"
+        assert value(scrape(proxy.internal_url), "proxy_redis_configured") == 1
         private_redis.kill()
         ready = request(proxy.internal_url + "/readyz")
         assert ready.status == 200  # an outage must not take every pod out of the Service
