@@ -114,7 +114,12 @@ def serve(config: Config) -> None:
     if config.workers == 1:
         from .app import ProxyApp
 
-        _run(uvicorn.Server(uvicorn.Config(ProxyApp(config), **options)), [public, internal])
+        app = ProxyApp(config)
+        if not _run(uvicorn.Server(uvicorn.Config(app, **options)), [public, internal]):
+            if app.config_error is not None:  # e.g. PROXY_SQL_QUERY, checked on the database
+                print(f"proxy-service: configuration error: {app.config_error}", file=sys.stderr)
+                sys.exit(2)
+            sys.exit(3)
         return
     # prometheus-client reads PROMETHEUS_MULTIPROC_DIR when imported: set it (on an empty
     # directory) before any worker starts; workers get every setting through the environment.
@@ -138,12 +143,17 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _run(server: uvicorn.Server, sockets: list[socket.socket]) -> None:
+def _run(server: uvicorn.Server, sockets: list[socket.socket]) -> bool:
+    """Serve until stopped; False when start-up failed."""
     # uvicorn re-raises SIGTERM after a graceful shutdown; a graceful stop should exit 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    server.run(sockets=sockets)
-    if not server.started:
-        sys.exit(3)
+    try:
+        server.run(sockets=sockets)
+    except SystemExit as exc:
+        if server.started or exc.code != 3:  # 3: uvicorn's own exit when the start-up fails
+            raise
+        return False
+    return bool(server.started)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -175,8 +185,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         refresher_app = refresher.make_app(config)
         internal = _bind(config.internal_host, config.internal_port)
         options: dict[str, Any] = {"lifespan": "on", "log_config": None, "access_log": False}
-        _run(uvicorn.Server(uvicorn.Config(refresher_app, **options)), [internal])
-        return 0
+        return (
+            0 if _run(uvicorn.Server(uvicorn.Config(refresher_app, **options)), [internal]) else 3
+        )
     if args.command in ("purge", "refresh"):
         return _admin(config, args.command, args.ids)
     if args.command == "sign":
