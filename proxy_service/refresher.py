@@ -145,13 +145,18 @@ class Refresher:
             self.index.claim(now, self.config.refresh_lease, self.config.refresh_batch)
         )
         try:
-            return await asyncio.shield(claim)
+            ids = await asyncio.shield(claim)
         except asyncio.CancelledError:
             # Stopped while the claim was on its way: whatever it took goes straight back.
             with contextlib.suppress(Exception):
                 ids = await asyncio.wait_for(claim, self.config.redis_timeout + 1.0)
                 await self.index.release(ids, time.time())
             raise
+        if ids and self.stop.is_set():
+            # Stopped while the claim was on its way: nothing started, all of it goes back.
+            await self.index.release(ids, time.time())
+            return []
+        return ids
 
     async def _batch(self, ids: list[str], now: float, stats: CycleStats) -> None:
         gate = asyncio.Semaphore(self.config.refresh_concurrency)
@@ -165,19 +170,28 @@ class Refresher:
 
         tasks = [asyncio.ensure_future(one(i)) for i in ids]
         work = asyncio.gather(*tasks)
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.shield(work)
+        # Stopping is an event, not a cancel: a cancel can be swallowed inside redis-py on
+        # Python 3.11 (CPython gh-86296), and a second one would cut the drain short.
+        stopping = asyncio.ensure_future(self.stop.wait())
+        try:
+            await asyncio.wait((work, stopping), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # a hard stop: the leases hand the ids back later
+            work.cancel()
+            raise
+        finally:
+            stopping.cancel()
         if not work.done():
             # Stopping: give claimed work the drain timeout, then hand back the rest.
             _, late = await asyncio.wait(tasks, timeout=self.config.refresh_drain_timeout)
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
-            with contextlib.suppress(asyncio.CancelledError):
-                await work  # settled now; retrieving it keeps asyncio from logging it as lost
             # Ids cut off between signing and storing go back too: signed again later, never lost.
             await self.index.release(sorted(pending), time.time())
-            raise asyncio.CancelledError
+            with contextlib.suppress(asyncio.CancelledError):
+                await work  # settled now; retrieving it keeps asyncio from logging it as lost
+            return
+        await work
 
     async def _refresh(self, image_id: str, now: float) -> str:
         try:
@@ -244,7 +258,12 @@ def make_app(config: Config) -> Starlette:
         finally:
             log.info("stopping: no new claims; draining claimed work")
             worker.stop.set()
-            task.cancel()
+            # The worker ends by itself: it stops claiming and drains within the drain timeout.
+            # Cancel only one stuck past that (a hanging Redis): the leases hand its ids back.
+            done, _ = await asyncio.wait((task,), timeout=config.refresh_drain_timeout + 10)
+            if not done:
+                log.warning("refresher worker did not stop in time: cancelling it")
+                task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             await worker.resolver.aclose()
