@@ -39,7 +39,6 @@ from .procs import (
     REPO,
     Child,
     RssSampler,
-    cpu_count,
     cpu_seconds,
     others_cpu_seconds,
     raise_nofile_limit,
@@ -369,7 +368,7 @@ class Runner:
             "started": started.isoformat(timespec="seconds"),
             "finished": datetime.now(UTC).isoformat(timespec="seconds"),
             "host": {
-                "cpus": cpu_count(),
+                "cpus": os.cpu_count(),  # the machine's, not this (pinned) process's
                 "machine": platform.machine(),
                 "kernel": platform.release(),
                 "python": sys.version.split()[0],
