@@ -381,3 +381,29 @@ def test_concurrent_streams_share_a_bounded_pool(
             t.join(30)
         assert errors == []
         assert proxy.app.origin.in_flight == 0
+
+
+def test_cache_hits_make_no_redis_round_trip(
+    cos: CosTestServer, cos_config: ConfigFactory, private_redis: RedisServer
+) -> None:
+    """The URL's first use signs and stores it in Redis; hits after that, in either mode, are
+    answered from the process's LRU: the Redis server sees no command per request (access records
+    for the refresher go out in one batch every `access_flush_interval`)."""
+    cos.put("images/cat.png", BODY)
+    client = redis.Redis.from_url(private_redis.url)
+
+    def commands() -> int:
+        stats = client.info("commandstats")
+        return sum(s["calls"] for name, s in stats.items() if name != "cmdstat_info")
+
+    config = cos_config(redis_url=private_redis.url, allow_mode_override=True)
+    with running(config) as proxy:
+        url = proxy.base_url + "/images/cat.png"
+        assert request(url).body == BODY  # miss: signed, stored in Redis
+        before = commands()
+        for _ in range(100):
+            assert request(url).body == BODY
+            assert request(url + "?mode=redirect").status == 302
+        during = commands() - before
+    client.close()
+    assert during < 10, f"{during} Redis commands for 200 cache hits"
