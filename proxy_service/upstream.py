@@ -32,7 +32,7 @@ log = logging.getLogger("proxy_service.upstream")
 _ERR_CONNECT = metrics.UPSTREAM_ERRORS.labels("connect")
 _ERR_TIMEOUT = metrics.UPSTREAM_ERRORS.labels("timeout")
 _ERR_5XX = metrics.UPSTREAM_ERRORS.labels("5xx")
-_RESPONSES = {c: metrics.Tally(metrics.UPSTREAM.labels(f"{c}xx")) for c in range(1, 6)}
+_RESPONSES: dict[str, metrics.Tally] = {}  # by status class, made on first sight
 
 RELAYED_STATUS = frozenset((200, 206, 304, 416))
 _COS_CODE = re.compile(rb"<Code>([A-Za-z]{1,64})</Code>")
@@ -140,11 +140,11 @@ class HttpOrigin:
                 error = UpstreamError(f"upstream request failed: {type(exc).__name__}")
             else:
                 status = resp.status
-                tally = _RESPONSES.get(status // 100)
-                if tally is not None:
-                    tally.inc()
-                else:  # a 6xx-9xx from a broken origin: rare, counted the slow way
-                    metrics.UPSTREAM.labels(metrics.status_class(status)).inc()
+                klass = metrics.status_class(status)
+                tally = _RESPONSES.get(klass)
+                if tally is None:
+                    tally = _RESPONSES[klass] = metrics.Tally(metrics.UPSTREAM.labels(klass))
+                tally.inc()
                 if status in RELAYED_STATUS:
                     self._open += 1
                     return HttpResponse(self, resp)
