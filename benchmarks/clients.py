@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import importlib
 import importlib.util
-import json
 import math
 import os
 import statistics
@@ -33,12 +32,15 @@ from typing import Any
 import aiohttp
 import httptools
 
-from . import contenders, nginx
+from . import aio, contenders, nginx, report
 from .objects import MIB, Obj, make_object
 from .procs import REPO, cpu_count, stop_all
 
 Fetch = Callable[[str], Awaitable[int]]  # path -> body bytes received
 CONCURRENCY = 64
+Opened = tuple[Fetch, Callable[[], Awaitable[None]]]  # fetch, close
+Maker = Callable[[str], Awaitable[Opened]]  # base URL -> an opened client
+DEFAULT_RESULTS = REPO / "benchmarks" / "results" / "clients"
 
 
 class _Conn(asyncio.Protocol):
@@ -76,7 +78,7 @@ class _Conn(asyncio.Protocol):
         return self.waiter
 
 
-async def _floor(base: str) -> tuple[Fetch, Callable[[], Awaitable[None]]]:
+async def _floor(base: str) -> Opened:
     host, port = base.removeprefix("http://").split(":")
     loop = asyncio.get_running_loop()
     idle: list[_Conn] = []
@@ -101,7 +103,7 @@ async def _floor(base: str) -> tuple[Fetch, Callable[[], Awaitable[None]]]:
     return fetch, close
 
 
-async def _aiohttp(base: str) -> tuple[Fetch, Callable[[], Awaitable[None]]]:
+async def _aiohttp(base: str) -> Opened:
     session = aiohttp.ClientSession(auto_decompress=False)
 
     async def fetch(path: str) -> int:
@@ -114,7 +116,7 @@ async def _aiohttp(base: str) -> tuple[Fetch, Callable[[], Awaitable[None]]]:
     return fetch, session.close
 
 
-async def _proxy_upstream(base: str) -> tuple[Fetch, Callable[[], Awaitable[None]]]:
+async def _proxy_upstream(base: str) -> Opened:
     from proxy_service.config import Config
     from proxy_service.storage import Entry
     from proxy_service.upstream import HttpOrigin
@@ -136,7 +138,7 @@ async def _proxy_upstream(base: str) -> tuple[Fetch, Callable[[], Awaitable[None
     return fetch, origin.aclose
 
 
-async def _httpx(base: str) -> tuple[Fetch, Callable[[], Awaitable[None]]]:
+async def _httpx(base: str) -> Opened:
     httpx = importlib.import_module("httpx")  # optional: not a dependency
 
     client = httpx.AsyncClient(limits=httpx.Limits(max_connections=CONCURRENCY))
@@ -149,9 +151,6 @@ async def _httpx(base: str) -> tuple[Fetch, Callable[[], Awaitable[None]]]:
             return n
 
     return fetch, client.aclose
-
-
-Maker = Callable[[str], Awaitable[tuple[Fetch, Callable[[], Awaitable[None]]]]]
 
 
 def available_clients() -> dict[str, Maker]:
@@ -228,8 +227,6 @@ def run(
             if pin:
                 os.sched_setaffinity(0, {0})
             plan = [(small, 256 if smoke else 20_000), (large, 64 if smoke else 640)]
-            from . import aio
-
             results = aio.run(compare(origin.base_url, plan, 1 if smoke else rounds, names))
         finally:
             stop_all()
@@ -241,10 +238,7 @@ def run(
         "rounds": 1 if smoke else rounds,
         "results": results,
     }
-    results_dir.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(data, indent=2) + "\n"
-    (results_dir / f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json").write_text(text)
-    (results_dir / "latest.json").write_text(text)
+    report.write_json(data, results_dir)
     return data
 
 
@@ -259,6 +253,3 @@ def table(data: dict[str, Any]) -> str:
                 f"{e['req_s']:8.0f} {e['mib_s']:8.1f}"
             )
     return "\n".join(lines)
-
-
-DEFAULT_RESULTS = REPO / "benchmarks" / "results" / "clients"

@@ -42,13 +42,19 @@ def table(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write(data: dict[str, Any], results_dir: Path) -> dict[str, Path]:
+def write_json(data: dict[str, Any], results_dir: Path) -> dict[str, Path]:
+    """`<timestamp>.json` and `latest.json`, the same text."""
     results_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     text = json.dumps(data, indent=2, sort_keys=False) + "\n"
     paths = {"json": results_dir / f"{stamp}.json", "latest": results_dir / "latest.json"}
     for path in paths.values():
         path.write_text(text)
+    return paths
+
+
+def write(data: dict[str, Any], results_dir: Path) -> dict[str, Path]:
+    paths = write_json(data, results_dir)
     for stale in ("latest.svg", "latest.png"):  # never a chart of an older run beside this JSON
         (results_dir / stale).unlink(missing_ok=True)
     svg = svg_chart(data)
