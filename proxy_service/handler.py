@@ -234,7 +234,7 @@ class ImageHandler:
                     parts = [chunk]
                     while not resp.at_eof():
                         parts.append(await resp.read())
-                    chunk = b"".join(parts) if len(parts) > 1 else chunk
+                    chunk = b"".join(parts)
             except StreamAborted as exc:
                 raise UpstreamError(str(exc)) from None
             sent = len(chunk)

@@ -147,7 +147,7 @@ class Refresher:
         try:
             ids = await asyncio.shield(claim)
         except asyncio.CancelledError:
-            # Stopped while the claim was on its way: whatever it took goes straight back.
+            # Cancelled (a hard stop) while the claim was on its way: what it took goes back.
             with contextlib.suppress(Exception):
                 ids = await asyncio.wait_for(claim, self.config.redis_timeout + 1.0)
                 await self.index.release(ids, time.time())
